@@ -1,0 +1,3 @@
+from moon.cli import main
+
+main()

@@ -1,0 +1,225 @@
+"""The typed run configuration: one model per stage, loaded from YAML, with `section.key=value` overrides.
+
+Every field has a default and a one-line description (`moon config show` prints both).
+Unknown keys and wrong types are refused with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moon.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class WorldConfig(Section):
+    """The simulated catalogue: categories, brands, shops, SPUs with SKU variants, drawn images."""
+
+    items: int = Field(2000, gt=0, description="number of items (SKUs) in the catalogue")
+    leaf_categories: int = Field(60, ge=3, description="leaf categories of the 3-level category tree")
+    brands: int = Field(80, gt=0, description="number of brands")
+    shops: int = Field(40, gt=0, description="number of shops; each sells a few brands")
+    variants_per_spu: float = Field(
+        1.8, ge=1.0, description="mean number of SKUs (colour/size variants) per SPU"
+    )
+    new_item_share: float = Field(
+        0.15, ge=0.0, lt=1.0, description="share of items launched during the simulated period (cold start)"
+    )
+    title_noise: float = Field(
+        0.3, ge=0.0, le=1.0, description="strength of title noise: synonyms, marketing words, dropped attributes"
+    )
+    image_size: int = Field(96, ge=32, le=1024, description="side in pixels of drawn catalogue images")
+    chunk_items: int = Field(4096, gt=0, description="items generated and written per streamed chunk")
+
+
+class BehaviourConfig(Section):
+    """Simulated users and search sessions over the catalogue, and the click model."""
+
+    catalog: str | None = Field(
+        None, description="run directory with ingested items to simulate behaviour over (else the drawn world)"
+    )
+    users: int = Field(300, gt=0, description="number of users")
+    regions: int = Field(6, gt=0, le=26, description="number of regions users live in")
+    days: int = Field(14, gt=0, description="simulated days of search sessions")
+    start_date: dt.date = Field(dt.date(2026, 1, 1), description="first simulated day (UTC)")
+    sessions_per_user_day: float = Field(1.0, gt=0, description="mean search sessions per user per day")
+    image_query_share: float = Field(
+        0.3, ge=0.0, le=1.0, description="share of sessions that search with a user photo instead of text"
+    )
+    results_per_query: int = Field(10, ge=2, le=100, description="impressions shown per query")
+    position_decay: float = Field(
+        0.8, gt=0.0, le=1.0, description="chance of examining rank p is position_decay**(p-1)"
+    )
+    relevance_weight: float = Field(3.0, ge=0.0, description="click-model weight of query-item relevance")
+    taste_weight: float = Field(
+        1.5, ge=0.0, description="click-model weight of the user's visual taste (style, colour, brand, price)"
+    )
+    click_bias: float = Field(-2.2, description="click-model intercept (logit)")
+    cart_rate: float = Field(0.35, ge=0.0, le=1.0, description="base chance that a click leads to a cart")
+    purchase_rate: float = Field(0.5, ge=0.0, le=1.0, description="base chance that a cart leads to a purchase")
+    ranker_noise: float = Field(
+        0.6, ge=0.0, description="noise of the search engine's ranking (higher: relevant items rank lower)"
+    )
+    photo_size: int = Field(96, ge=32, le=1024, description="side in pixels of user photos (image queries)")
+
+
+class ColumnMap(Section):
+    """Where each items column comes from in a user's file."""
+
+    item_id: str = Field("item_id", description="column with the unique item id")
+    title: str = Field("title", description="column with the product title")
+    category: list[str] = Field(
+        ["category"], description="one list column, or several columns from root to leaf category"
+    )
+    attributes: dict[str, str] = Field({}, description="attribute name -> column holding its value")
+    image: str = Field("image", description="column with image bytes, or a file name under image_dir")
+    spu_id: str | None = Field(None, description="column with the SPU id (default: each item its own SPU)")
+    shop_id: str | None = Field(None, description="column with the shop id")
+    price: str | None = Field(None, description="column with the price")
+    created_at: str | None = Field(None, description="column with the listing time")
+
+
+class IngestConfig(Section):
+    """Real catalogues into the items table (`moon ingest SOURCE`)."""
+
+    format: Literal["auto", "kaggle", "parquet", "csv", "jsonl"] = Field(
+        "auto", description="source layout; auto detects it from the path"
+    )
+    columns: ColumnMap | None = Field(
+        None, description="column mapping; null detects a known layout (MOON, Kaggle fashion, fashion parquet)"
+    )
+    image_dir: str | None = Field(
+        None, description="folder of image files, relative to the source (kaggle: images)"
+    )
+    image_file: str = Field(
+        "{item_id}.jpg", description="image file name when the image column is absent, from {item_id}"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="images with more pixels are rejected as likely decompression bombs"
+    )
+    spu_from_title: bool = Field(
+        False, description="group items with the same normalised title into one SPU"
+    )
+    shard_rows: int = Field(8192, gt=0, description="rows per output Parquet shard")
+
+
+class MoonConfig(Section):
+    """A whole run: the name of its run directory, the seed, and one section per stage."""
+
+    name: str = Field("demo", description="run name; the run directory defaults to runs/<name>")
+    seed: int = Field(0, description="seed of every random process in the run")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="the simulated catalogue")
+    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="simulated users and sessions")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="real catalogue ingestion")
+
+    def digest(self, *sections: str) -> str:
+        """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""
+        data = self.model_dump(mode="json")
+        picked = {key: data[key] for key in ("seed", *sections)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DEFAULT_CONFIG = "demo.yaml"
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("moon") / "configs" / DEFAULT_CONFIG))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> MoonConfig:
+    """Loads a YAML config (default: the embedded demo.yaml) and applies `section.key=value` overrides."""
+    path = Path(path) if path else default_config_path()
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: pass an existing YAML file to -c/--config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return MoonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"invalid config ({path.name} + overrides): {describe_errors(exc)}") from None
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{override}' must look like section.key=value, e.g. world.items=500")
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if node is None:
+            node = data[part] = {}
+        if not isinstance(node, dict):
+            raise UserError(f"override '{override}': '{'.'.join(parents[: i + 1])}' is a value, not a section")
+    node[leaf] = _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalars and lists (`500`, `0.2`, `true`, `null`, `[a, b]`); dates and odd text stay strings."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, (dt.date, dt.datetime)) else value
+
+
+def describe_errors(exc: ValidationError) -> str:
+    return "; ".join(_describe(err) for err in exc.errors())
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(_fields_at(err["loc"][:-1]))
+        return f"unknown key '{key}' (allowed here: {allowed})"
+    return f"'{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = MoonConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        model = next(a for a in (annotation, *getattr(annotation, "__args__", ())) if _is_model(a))
+    return list(model.model_fields)
+
+
+def _is_model(candidate: Any) -> bool:
+    return isinstance(candidate, type) and issubclass(candidate, BaseModel)
+
+
+def render_yaml(config: BaseModel, indent: int = 0) -> str:
+    """The config as YAML, each key preceded by its description as a comment."""
+    lines = []
+    pad = " " * indent
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        lines.append(f"{pad}# {field.description}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.append(render_yaml(value, indent + 2))
+        else:
+            dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=True, width=1000).strip()
+            lines.append(pad + dumped.removeprefix("{").removesuffix("}"))
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.date) else value

@@ -1,0 +1,98 @@
+"""Arrow schemas of every table MOON reads or writes, defined once.
+
+Stages talk only through these tables in a run directory (DESIGN.md section 3);
+a stage that adds a column adds it here.
+"""
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+# The catalogue: one row per SKU.
+ITEMS = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("spu_id", pa.string(), nullable=False),  # the product its SKU variants share
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("category", pa.list_(pa.string()), nullable=False),  # root -> leaf
+        pa.field("attributes", pa.map_(pa.string(), pa.string())),
+        pa.field("image", pa.binary(), nullable=False),  # encoded main image (PNG/JPEG)
+        pa.field("shop_id", pa.string()),
+        pa.field("price", pa.float64()),
+        pa.field("created_at", TIMESTAMP),
+    ]
+)
+
+ACTIONS = ("impression", "click", "cart", "purchase")
+
+# The behaviour log: one row per action; a session is one query and its ranked results.
+EVENTS = pa.schema(
+    [
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("session_id", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("query_text", pa.string()),  # null for an image query
+        pa.field("query_image", pa.binary()),  # user photo (JPEG), null for a text query
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),  # 1-based rank in the result list
+        pa.field("action", pa.string(), nullable=False),  # one of ACTIONS
+    ]
+)
+
+# Simulated users and the latent tastes the click model used (ground truth, never model input).
+USERS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("style_taste", pa.list_(pa.float32()), nullable=False),
+        pa.field("colours", pa.list_(pa.string()), nullable=False),
+        pa.field("price_band", pa.int8(), nullable=False),
+        pa.field("brands", pa.list_(pa.string()), nullable=False),
+        pa.field("activity", pa.float32(), nullable=False),
+    ]
+)
+
+# What the simulator knows about each item that the catalogue does not say outright:
+# its visual style vector (drawn, or measured from a real image), pattern and price band.
+ITEM_TRUTH = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("style", pa.list_(pa.float32()), nullable=False),
+        pa.field("pattern", pa.string()),
+        pa.field("colour", pa.string()),
+        pa.field("brand", pa.string()),
+        pa.field("price_band", pa.int8()),
+        pa.field("is_new", pa.bool_(), nullable=False),  # appeared during the simulated period
+    ]
+)
+
+# Input rows that could not be used, with the reason; nothing is dropped silently.
+REJECTS = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # file the row came from
+        pa.field("row", pa.int64()),  # 1-based line or row number in that file
+        pa.field("item_id", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),  # one of REJECT_REASONS
+        pa.field("detail", pa.string()),
+    ]
+)
+
+REJECT_REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "image_too_large",
+    "duplicate_id",
+    "malformed_line",
+    "empty_title",
+    "missing_category",
+    "missing_id",
+)
+
+TABLES = {
+    "items": ITEMS,
+    "events": EVENTS,
+    "users": USERS,
+    "item_truth": ITEM_TRUTH,
+    "rejects": REJECTS,
+}

@@ -1,0 +1,99 @@
+"""Console output shared by every stage: progress bars with a rate, tables, and `--quiet`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+T = TypeVar("T")
+
+console = Console(stderr=True)  # progress and logs go to stderr; results (tables, config) to stdout
+out = Console()
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+class _Rate(ProgressColumn):
+    """Units per second, e.g. '3,412 items/s'."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} {self.unit}/s", style="cyan")
+
+
+@contextmanager
+def progress(description: str, total: int | None, unit: str = "items") -> Iterator[callable]:
+    """A progress bar; yields `advance(n)`. Silent under --quiet."""
+    if _quiet:
+        yield lambda n=1: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        _Rate(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "items") -> Iterator[T]:
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    with progress(description, total, unit) as advance:
+        for item in items:
+            yield item
+            advance(1)
+
+
+def log(message: str) -> None:
+    if not _quiet:
+        console.print(message)
+
+
+def print_table(title: str, rows: list[tuple], columns: tuple[str, ...] = ("", "")) -> None:
+    """Prints a result table to stdout (shown under --quiet too: it is the command's output)."""
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row))
+    out.print(table)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
