@@ -1,0 +1,113 @@
+"""The `moon` command: one subcommand per stage, plus `demo` and `config show`.
+
+Every stage command takes -c/--config, --run-dir (default runs/<config name>), --quiet
+and trailing `section.key=value` overrides, so stages compose over one run directory.
+A user error prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import click
+
+from moon import __version__, ui
+from moon.config import MoonConfig, load_config, render_yaml
+from moon.errors import UserError
+
+
+class UserFacingError(click.ClickException):
+    exit_code = 2
+
+
+class MoonGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise UserFacingError(str(exc)) from None
+
+
+def stage_command(function):
+    """Adds the options every stage shares and hands the command a loaded config and run dir."""
+
+    @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (default: the embedded demo.yaml)")
+    @click.option("--run-dir", type=click.Path(file_okay=False), help="run directory (default: runs/<config name>)")
+    @click.option("--quiet", is_flag=True, help="no progress bars or logs, only results")
+    @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
+    @functools.wraps(function)
+    def wrapper(config_path, run_dir, quiet, overrides, **kwargs):
+        ui.set_quiet(quiet)
+        config = load_config(config_path, list(overrides))
+        return function(config=config, run_dir=Path(run_dir or Path("runs") / config.name), **kwargs)
+
+    return wrapper
+
+
+@click.group(cls=MoonGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moon")
+def cli():
+    """MOON: multimodal representations for e-commerce search advertising.
+
+    Stages read and write tables in one run directory (runs/<name>/), so they compose:
+    simulate or ingest a catalogue, then run the later stages over it.
+    """
+
+
+@cli.command()
+@click.option("--catalog", type=click.Path(file_okay=False), help="run directory of an ingested real catalogue to simulate behaviour over")
+@stage_command
+def simulate(config: MoonConfig, run_dir: Path, catalog: str | None):
+    """Simulate an e-commerce world: catalogue, users, search sessions, clicks and purchases."""
+    from moon.data.summary import summarize
+    from moon.data.world.simulate import simulate as run_simulation
+
+    if catalog:
+        config = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"catalog": catalog})})
+    counts = run_simulation(config, run_dir)
+    ui.log(f"simulated {counts['items']:,} items and {counts['events']:,} events in {counts['seconds']:.1f}s")
+    ui.print_table(f"simulated world in {run_dir}", summarize(run_dir))
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["auto", "kaggle", "parquet", "csv", "jsonl"]), help="source layout (default: ingest.format, auto-detected)")
+@stage_command
+def ingest(config: MoonConfig, run_dir: Path, source: str, fmt: str | None):
+    """Ingest a real catalogue (Kaggle fashion layout, Parquet, CSV or JSONL + images) as the items table."""
+    from moon.data.ingest import ingest as run_ingest
+
+    summary = run_ingest(Path(source), config, run_dir, fmt)
+    ui.print_table(f"ingested {source} -> {run_dir}", summary.rows(), ("", "rows"))
+
+
+@cli.command()
+@click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current")
+@stage_command
+def demo(config: MoonConfig, run_dir: Path, fresh: bool):
+    """Run the whole pipeline on the embedded simulated world and print what it made."""
+    from moon import pipeline
+    from moon.data.summary import summarize
+
+    started = time.perf_counter()
+    pipeline.run(pipeline.DEMO, config, run_dir, fresh=fresh)
+    ui.print_table(f"MOON demo: {run_dir}", summarize(run_dir))
+    ui.log(f"demo finished in {time.perf_counter() - started:.1f}s; tables are in {run_dir}/")
+
+
+@cli.group(cls=MoonGroup)
+def config():
+    """Inspect the configuration."""
+
+
+@config.command("show")
+@stage_command
+def config_show(config: MoonConfig, run_dir: Path):
+    """Print the resolved config (file + overrides), each key with its description."""
+    click.echo(render_yaml(config))
+
+
+def main() -> None:
+    cli(prog_name="moon")

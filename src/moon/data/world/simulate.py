@@ -1,0 +1,140 @@
+"""`moon simulate`: write a simulated world (or behaviour over a real catalogue) into a run directory.
+
+Tables written: `items` (drawn catalogue; or the real catalogue with simulated launch
+times where it had none), `item_truth`, `users` and `events`. Items stream out in
+chunks and events one simulated day at a time, so memory stays bounded however large
+the world. Every manifest says what was simulated.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from moon import ui
+from moon.config import MoonConfig
+from moon.data import schema
+from moon.data.tables import TableWriter, has_table, read_manifest, read_table
+from moon.data.world import behaviour, market
+from moon.data.world.catalog import COLOUR_NAMES, Catalog, build_catalog, item_id, items_table
+from moon.data.world.render import PATTERNS
+from moon.errors import UserError
+
+SECTIONS = ("world", "behaviour")  # the config sections whose change makes a new world
+
+
+def simulate(config: MoonConfig, run_dir: Path) -> dict:
+    """Simulates into run_dir and returns the counts and seconds of each part."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    common = {"stage": "simulate", "config_digest": config.digest(*SECTIONS), "seed": config.seed}
+    if config.behaviour.catalog:
+        shop = _real_market(config, run_dir, common)
+        source = {"catalog": str(Path(config.behaviour.catalog).resolve())}
+    else:
+        shop = _drawn_world(config, run_dir, common)
+        source = {"catalog": None}
+    items_seconds = time.perf_counter() - started
+    users = behaviour.make_users(shop, config.behaviour, config.seed)
+    with TableWriter(run_dir, "users", schema.USERS) as writer:
+        writer.write(behaviour.users_table(users, shop))
+        writer.commit(**common, **source, simulated=True)
+    events = _write_events(shop, users, config, run_dir, {**common, **source})
+    seconds = time.perf_counter() - started
+    return {"items": len(shop), "events": events, "users": len(users), "items_seconds": items_seconds, "seconds": seconds}
+
+
+def _drawn_world(config: MoonConfig, run_dir: Path, common: dict) -> market.Market:
+    world = config.world
+    catalog = build_catalog(world, config.behaviour, config.seed)
+    with TableWriter(run_dir, "items", schema.ITEMS) as writer, ui.progress("draw catalogue", len(catalog)) as advance:
+        for start in range(0, len(catalog), world.chunk_items):
+            stop = min(start + world.chunk_items, len(catalog))
+            writer.write(items_table(catalog, start, stop, world))
+            advance(stop - start)
+        writer.commit(**common, simulated=True, simulated_columns="all")
+    with TableWriter(run_dir, "item_truth", schema.ITEM_TRUTH) as writer:
+        writer.write(_world_truth(catalog))
+        writer.commit(**common, simulated=True)
+    return market.from_world(catalog, world.image_size)
+
+
+def _world_truth(catalog: Catalog) -> pa.Table:
+    return pa.table(
+        {
+            "item_id": item_id(np.arange(len(catalog))),
+            "style": list(catalog.style),
+            "pattern": np.array(PATTERNS)[catalog.pattern],
+            "colour": np.array(COLOUR_NAMES)[catalog.colour],
+            "brand": np.array([b.name for b in catalog.brands])[catalog.brand],
+            "price_band": catalog.price_band,
+            "is_new": catalog.is_new,
+        },
+        schema=schema.ITEM_TRUTH,
+    )
+
+
+def _real_market(config: MoonConfig, run_dir: Path, common: dict) -> market.Market:
+    """Behaviour over an ingested catalogue: its real categories, colours, titles and images."""
+    catalog_dir = Path(config.behaviour.catalog)
+    if not has_table(catalog_dir, "items"):
+        raise UserError(
+            f"--catalog {catalog_dir} holds no items table: run `moon ingest SOURCE --run-dir {catalog_dir}` first"
+        )
+    ingested = read_manifest(catalog_dir, "items")
+    if ingested.get("simulated") is True:
+        raise UserError(f"--catalog {catalog_dir} holds a simulated catalogue; point it at an ingested one")
+    items = read_table(catalog_dir, "items")
+    b = config.behaviour
+    shop = market.from_items(items, config.world.new_item_share, b.start_date, b.days, config.seed)
+    had_time = ~pc.is_null(items.column("created_at")).to_numpy(zero_copy_only=False)
+    launched = pa.array((shop.created_at * 1000).astype("datetime64[ms]"), type=schema.TIMESTAMP)
+    items = items.set_column(items.schema.get_field_index("created_at"), "created_at", launched)
+    with TableWriter(run_dir, "items", schema.ITEMS) as writer:
+        for start in range(0, items.num_rows, config.ingest.shard_rows):
+            writer.write(items.slice(start, config.ingest.shard_rows))
+        # Keep what made the real catalogue, and say which columns the simulator filled in.
+        writer.commit(
+            **{k: v for k, v in ingested.items() if k not in ("rows", "shards", "created_at", "table")},
+            **common,
+            catalog=str(catalog_dir.resolve()),
+            simulated=False,
+            simulated_columns=["created_at"] if not had_time.all() else [],
+            simulated_created_at_rows=int((~had_time).sum()),
+        )
+    start = np.datetime64(b.start_date, "s").astype(np.int64)
+    with TableWriter(run_dir, "item_truth", schema.ITEM_TRUTH) as writer:
+        writer.write(
+            {
+                "item_id": shop.item_ids,
+                "style": list(shop.style),
+                "pattern": pa.nulls(len(shop), pa.string()),
+                "colour": [shop.colour_words[c][0] if c >= 0 else None for c in shop.colour],
+                "brand": [shop.brand_words[c] if c >= 0 else None for c in shop.brand],
+                "price_band": pa.array(shop.price_band, mask=shop.price_band < 0),
+                "is_new": shop.created_at >= start,
+            }
+        )
+        writer.commit(**common, simulated=True, style="measured from the real images")
+    return shop
+
+
+def _write_events(shop: market.Market, users, config: MoonConfig, run_dir: Path, manifest: dict) -> int:
+    sessions = behaviour.Sessions(shop, users, config.behaviour, config.seed)
+    b = config.behaviour
+    with TableWriter(run_dir, "events", schema.EVENTS) as writer, ui.progress(
+        "simulate sessions", sessions.total_sessions(), unit="sessions"
+    ) as advance:
+        for day in range(b.days):
+            writer.write(sessions.day(day, advance))
+        writer.commit(
+            **manifest,
+            simulated=True,
+            period_start=b.start_date.isoformat(),
+            days=b.days,
+        )
+    return writer.rows

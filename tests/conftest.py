@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from moon.config import load_config
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_WORLD = [
+    "world.items=240",
+    "world.leaf_categories=12",
+    "world.brands=15",
+    "world.shops=6",
+    "world.image_size=48",
+    "world.chunk_items=100",
+    "behaviour.users=40",
+    "behaviour.days=6",
+    "behaviour.sessions_per_user_day=1.5",
+    "behaviour.photo_size=48",
+]
+
+
+def shared_data(name: str) -> Path:
+    """A real catalogue from ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (it lives beside the repository in ../shared/data)")
+    return path
+
+
+@pytest.fixture
+def tiny_config():
+    return load_config(None, [*TINY_WORLD, "name=tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny simulated world, made once per test session; tests must not modify it."""
+    from moon.data.world.simulate import simulate
+
+    run_dir = tmp_path_factory.mktemp("tiny-world")
+    simulate(load_config(None, [*TINY_WORLD, "name=tiny"]), run_dir)
+    return run_dir

@@ -1,0 +1,88 @@
+import datetime as dt
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from moon.config import MoonConfig, load_config, render_yaml
+from moon.errors import UserError
+
+
+def all_models(model=MoonConfig):
+    yield model
+    for field in model.model_fields.values():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                yield from all_models(candidate)
+
+
+def test_embedded_default_is_the_demo_world():
+    config = load_config()
+    assert config.name == "demo"
+    assert config.world.items == 2000
+    assert config.world.leaf_categories >= 50
+
+
+def test_every_field_has_a_default_and_a_description():
+    for model in all_models():
+        model()  # every field has a default
+        for name, field in model.model_fields.items():
+            assert field.description and "\n" not in field.description, f"{model.__name__}.{name}"
+
+
+def test_overrides_are_typed():
+    config = load_config(None, [
+        "world.items=500",
+        "behaviour.image_query_share=0.5",
+        "behaviour.start_date=2026-03-01",
+        "ingest.columns.category=[a, b, c]",
+        "ingest.spu_from_title=true",
+        "behaviour.catalog=null",
+    ])
+    assert config.world.items == 500
+    assert config.behaviour.image_query_share == 0.5
+    assert config.behaviour.start_date == dt.date(2026, 3, 1)
+    assert config.ingest.columns.category == ["a", "b", "c"]
+    assert config.ingest.spu_from_title is True
+
+
+def test_unknown_key_names_the_key_and_what_is_allowed():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["world.itemz=5"])
+    assert "world.itemz" in str(err.value) and "items" in str(err.value) and "leaf_categories" in str(err.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(UserError, match=r"'world.items'.*integer"):
+        load_config(None, ["world.items=many"])
+    with pytest.raises(UserError, match=r"'behaviour.image_query_share'"):
+        load_config(None, ["behaviour.image_query_share=1.5"])
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("world:\n  items: 10\nbehavior:\n  users: 3\n")
+    with pytest.raises(UserError, match=r"unknown key 'behavior'.*behaviour"):
+        load_config(path)
+
+
+def test_config_name_defaults_to_the_file_name(tmp_path):
+    path = tmp_path / "shop-a.yaml"
+    path.write_text("world:\n  items: 10\n")
+    assert load_config(path).name == "shop-a"
+
+
+@pytest.mark.parametrize("override", ["world.items", "=3", "world.items.deep=3"])
+def test_malformed_overrides_are_refused(override):
+    with pytest.raises(UserError, match="override"):
+        load_config(None, [override])
+
+
+def test_rendered_config_reloads_to_the_same_config(tmp_path):
+    config = load_config(None, ["world.items=77", "ingest.columns.title=name"])
+    text = render_yaml(config)
+    assert "# number of items (SKUs) in the catalogue" in text
+    path = tmp_path / "again.yaml"
+    path.write_text(text)
+    assert yaml.safe_load(text)["world"]["items"] == 77
+    assert load_config(path) == config
