@@ -86,3 +86,9 @@ def test_rendered_config_reloads_to_the_same_config(tmp_path):
     path.write_text(text)
     assert yaml.safe_load(text)["world"]["items"] == 77
     assert load_config(path) == config
+
+
+def test_override_fills_a_section_the_file_left_null(tmp_path):
+    path = tmp_path / "mapped.yaml"
+    path.write_text("ingest:\n  columns: null\n")
+    assert load_config(path, ["ingest.columns.item_id=sku"]).ingest.columns.item_id == "sku"

@@ -164,9 +164,9 @@ def _apply_override(data: dict, override: str) -> None:
     *parents, leaf = key.split(".")
     node = data
     for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if node is None:
-            node = data[part] = {}
+        if node.get(part) is None:  # absent, or `columns: null` in the file
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise UserError(f"override '{override}': '{'.'.join(parents[: i + 1])}' is a value, not a section")
     node[leaf] = _parse_value(raw)

@@ -44,7 +44,7 @@ class _Rate(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = task.completed / task.elapsed if task.elapsed else None  # whole-run average
         return Text("" if speed is None else f"{speed:,.0f} {self.unit}/s", style="cyan")
 
 

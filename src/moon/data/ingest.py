@@ -126,23 +126,13 @@ def ingest(source: Path, config: MoonConfig, run_dir: Path, fmt: str | None = No
     src = open_source(Path(source), fmt or settings.format, settings)
     layout, columns = resolve_columns(settings.columns, src)
     builder = ItemBuilder(columns, settings, src.image_root, image_column=columns.image in src.columns)
-    rejects: list[dict] = []
-    pending: list[dict] = []
-    with (
-        TableWriter(run_dir, "items", ITEMS) as writer,
-        pixel_limit(settings.max_image_pixels),
-        ui.progress("ingest", src.total_rows, unit="rows") as advance,
-    ):
-        for record in read_records(src, columns):
-            try:
-                pending.append(builder.build(record))
-            except (Rejected, ImageError) as exc:
-                rejects.append(_reject_row(record, columns, exc))
-            if len(pending) >= settings.shard_rows:
-                writer.write(pa.Table.from_pylist(pending, schema=ITEMS))
-                pending.clear()
-            advance(1)
-        writer.write(pa.Table.from_pylist(pending, schema=ITEMS))
+    rejects_path = Path(run_dir) / "rejects.parquet"
+    with TableWriter(run_dir, "items", ITEMS) as writer, pixel_limit(settings.max_image_pixels):
+        rejects = _write_items(read_records(src, columns), builder, writer, src.total_rows, settings.shard_rows)
+        # Rejects first: whoever sees the new items table also sees its rejects.
+        write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECTS), rejects_path)
+        if writer.rows == 0:
+            raise _nothing_kept(src, rejects, rejects_path)
         by_reason = Counter(reject["reason"] for reject in rejects)
         summary = IngestSummary(
             source=str(src.path),
@@ -152,8 +142,6 @@ def ingest(source: Path, config: MoonConfig, run_dir: Path, fmt: str | None = No
             rejected_by_reason={reason: by_reason[reason] for reason in REJECT_REASONS},
             seconds=round(time.perf_counter() - started, 2),
         )
-        # Rejects first: whoever sees the new items table also sees its rejects.
-        write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECTS), Path(run_dir) / "rejects.parquet")
         writer.commit(
             stage="ingest",
             source=summary.source,
@@ -168,6 +156,38 @@ def ingest(source: Path, config: MoonConfig, run_dir: Path, fmt: str | None = No
             simulated=False,
         )
     return summary
+
+
+def _write_items(
+    records: Iterator[Record], builder: ItemBuilder, writer: TableWriter, total: int, shard_rows: int
+) -> list[dict]:
+    """Builds and writes the items shard by shard; returns the rejects."""
+    rejects: list[dict] = []
+    pending: list[dict] = []
+    with ui.progress("ingest", total, unit="rows") as advance:
+        for record in records:
+            try:
+                pending.append(builder.build(record))
+            except (Rejected, ImageError) as exc:
+                rejects.append(_reject_row(record, builder.columns, exc))
+            if len(pending) >= shard_rows:
+                writer.write(pa.Table.from_pylist(pending, schema=ITEMS))
+                pending.clear()
+            advance(1)
+    writer.write(pa.Table.from_pylist(pending, schema=ITEMS))
+    return rejects
+
+
+def _nothing_kept(src: Source, rejects: list[dict], rejects_path: Path) -> UserError:
+    """An empty catalogue is almost always a wrong path, image folder or column mapping."""
+    if not rejects:
+        return UserError(f"{src.path} has no rows: nothing to ingest")
+    reason, count = Counter(reject["reason"] for reject in rejects).most_common(1)[0]
+    example = next(reject["detail"] for reject in rejects if reject["reason"] == reason)
+    return UserError(
+        f"no row of {src.path} could be used: {count:,} of {len(rejects):,} rows rejected as {reason} "
+        f"(e.g. {example}); check ingest.image_dir and ingest.columns. Every reject is in {rejects_path}"
+    )
 
 
 def _reject_row(record: Record, columns: ColumnMap, exc: Exception) -> dict:
@@ -199,14 +219,24 @@ def open_source(path: Path, fmt: str, settings: IngestConfig) -> Source:
             raise UserError(f"folder {path} has no *.parquet files: point ingest at a Parquet file or folder")
         columns, total = _parquet_shape(files)
     else:
-        file = path / KAGGLE_STYLES if fmt == "kaggle" and path.is_dir() else path
-        if not file.is_file():
-            raise UserError(f"{file} is not a file: format '{fmt}' reads one {fmt.replace('kaggle', 'styles.csv')} file")
-        files = [file]
-        columns, total = _jsonl_shape(file) if fmt == "jsonl" else _csv_shape(file)
+        files = [_single_file(path, fmt)]
+        columns, total = _jsonl_shape(files[0]) if fmt == "jsonl" else _csv_shape(files[0])
     folder = path if path.is_dir() else path.parent
     image_dir = settings.image_dir if settings.image_dir is not None else (KAGGLE_IMAGES if fmt == "kaggle" else "")
     return Source(path, fmt, files, columns, total, folder / image_dir)
+
+
+def _single_file(path: Path, fmt: str) -> Path:
+    if fmt == "kaggle":
+        file = path / KAGGLE_STYLES if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(f"{path} has no {KAGGLE_STYLES}: a kaggle source is the folder with styles.csv and images/")
+        return file
+    if fmt not in ("csv", "jsonl"):
+        raise UserError(f"unknown ingest format '{fmt}': use auto, kaggle, parquet, csv or jsonl")
+    if not path.is_file():
+        raise UserError(f"{path} is a folder: a {fmt} source is one .{fmt} file (images go in ingest.image_dir)")
+    return path
 
 
 def detect_format(path: Path) -> str:
@@ -217,7 +247,7 @@ def detect_format(path: Path) -> str:
             return "parquet"
         raise UserError(
             f"cannot tell the format of folder {path}: expected {KAGGLE_STYLES} (Kaggle layout) "
-            "or *.parquet files; set ingest.format to kaggle, parquet, csv or jsonl"
+            "or *.parquet files; pass --format (or set ingest.format): kaggle, parquet, csv or jsonl"
         )
     if path.name == KAGGLE_STYLES:
         return "kaggle"
@@ -226,7 +256,7 @@ def detect_format(path: Path) -> str:
     if suffix not in formats:
         raise UserError(
             f"cannot tell the format of {path} from its suffix '{suffix}': "
-            "set ingest.format to kaggle, parquet, csv or jsonl"
+            "pass --format (or set ingest.format): kaggle, parquet, csv or jsonl"
         )
     return formats[suffix]
 
@@ -340,6 +370,13 @@ def _parquet_records(file: Path, columns: list[str]) -> Iterator[Record]:
 
 
 def _csv_records(file: Path) -> Iterator[Record]:
+    try:
+        yield from _csv_lines(file)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file} is not UTF-8 text ({exc}): re-save it as UTF-8") from None
+
+
+def _csv_lines(file: Path) -> Iterator[Record]:
     """Rows of a CSV file numbered by the line they start on (a quoted field may span lines).
 
     The csv module is used rather than pyarrow's CSV reader because pyarrow's invalid-row
@@ -347,24 +384,20 @@ def _csv_records(file: Path) -> Iterator[Record]:
     """
     with _open_text(file) as handle:
         reader = csv.reader(handle)
-        try:
-            header = [name.strip() for name in next(reader)]
+        header = [name.strip() for name in next(reader)]
+        while True:
             start = reader.line_num + 1
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    yield Record(file, start, None, f"cannot parse CSV: {exc}")
-                else:
-                    if len(fields) == len(header):
-                        yield Record(file, start, dict(zip(header, fields)))
-                    elif fields:  # a blank line is not a row
-                        yield Record(file, start, None, f"expected {len(header)} fields, got {len(fields)}")
-                start = reader.line_num + 1
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{file} is not UTF-8 text ({exc}): re-save it as UTF-8") from None
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield Record(file, start, None, f"cannot parse CSV: {exc}")
+                continue
+            if len(fields) == len(header):
+                yield Record(file, start, dict(zip(header, fields)))
+            elif fields:  # a blank line is not a row
+                yield Record(file, start, None, f"expected {len(header)} fields, got {len(fields)}")
 
 
 def _jsonl_records(file: Path) -> Iterator[Record]:

@@ -89,6 +89,9 @@ def _real_market(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
     if ingested.get("simulated") is True:
         raise UserError(f"--catalog {catalog_dir} holds a simulated catalogue; point it at an ingested one")
     items = read_table(catalog_dir, "items")
+    if ingested.get("simulated_created_at_rows") == items.num_rows:  # filled in by an earlier simulation
+        items = items.set_column(items.schema.get_field_index("created_at"), "created_at", pa.nulls(items.num_rows, schema.TIMESTAMP))
+    ingested = ingested.get("ingest", ingested)
     b = config.behaviour
     shop = market.from_items(items, config.world.new_item_share, b.start_date, b.days, config.seed)
     had_time = ~pc.is_null(items.column("created_at")).to_numpy(zero_copy_only=False)
@@ -99,8 +102,8 @@ def _real_market(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
             writer.write(items.slice(start, config.ingest.shard_rows))
         # Keep what made the real catalogue, and say which columns the simulator filled in.
         writer.commit(
-            **{k: v for k, v in ingested.items() if k not in ("rows", "shards", "created_at", "table")},
             **common,
+            ingest=ingested,
             catalog=str(catalog_dir.resolve()),
             simulated=False,
             simulated_columns=["created_at"] if not had_time.all() else [],

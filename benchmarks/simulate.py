@@ -1,0 +1,91 @@
+"""Simulation speed and memory: items/s, events/s and peak RSS, for a world and one 10x larger.
+
+Each world is simulated in its own process so its peak RSS is its own. Baselines measured
+in the same run: drawing + PNG-encoding images alone (the floor of the catalogue's cost),
+and the small world's peak RSS (streaming keeps the 10x world's RSS close to it).
+Prints one JSON object per line; the last line is the headline.
+
+    python benchmarks/simulate.py                  # 5,000 and 50,000 items
+    python benchmarks/simulate.py --items 100000   # 100,000 and 1,000,000 items
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+RUN_ONE = """
+import json, sys
+from pathlib import Path
+from moon import ui
+from moon.config import load_config
+from moon.data.world.simulate import simulate
+ui.set_quiet(True)
+counts = simulate(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
+print(json.dumps(counts))
+"""
+
+
+def simulate_in_child(items: int, users: int, days: int, run_dir: str) -> dict:
+    overrides = [f"world.items={items}", f"behaviour.users={users}", f"behaviour.days={days}", "name=bench"]
+    child = subprocess.Popen([sys.executable, "-c", RUN_ONE, run_dir, *overrides], stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise SystemExit(f"simulation of {items} items failed (status {status})")
+    counts = json.loads(output.strip().splitlines()[-1])
+    events_seconds = counts["seconds"] - counts["items_seconds"]
+    return {
+        "items": items,
+        "events": counts["events"],
+        "items_per_s": round(items / counts["items_seconds"], 1),
+        "events_per_s": round(counts["events"] / events_seconds, 1),
+        "seconds": round(counts["seconds"], 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+    }
+
+
+def render_only(items: int) -> float:
+    """Items/s of drawing and encoding catalogue images alone, the catalogue's irreducible cost."""
+    from moon.config import load_config
+    from moon.data.world.catalog import build_catalog, look
+    from moon.data.world.render import draw_item, encode_png
+
+    config = load_config(None, [f"world.items={items}"])
+    catalog = build_catalog(config.world, config.behaviour, config.seed)
+    started = time.perf_counter()
+    for i in range(items):
+        encode_png(draw_item(look(catalog, i), config.world.image_size))
+    return items / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=5000, help="items of the smaller world (the larger has 10x)")
+    parser.add_argument("--users", type=int, default=300)
+    parser.add_argument("--days", type=int, default=14)
+    args = parser.parse_args()
+    baseline = render_only(min(args.items, 3000))
+    print(json.dumps({"baseline": "draw+png only", "items_per_s": round(baseline, 1)}), flush=True)
+    results = []
+    for items in (args.items, 10 * args.items):
+        with tempfile.TemporaryDirectory() as run_dir:
+            results.append(simulate_in_child(items, args.users, args.days, run_dir))
+        print(json.dumps(results[-1]), flush=True)
+    small, large = results
+    print(json.dumps({
+        "items_per_s": large["items_per_s"],
+        "events_per_s": large["events_per_s"],
+        "peak_rss_mb": large["peak_rss_mb"],
+        "items_per_s_vs_draw_only": round(large["items_per_s"] / baseline, 3),
+        "peak_rss_10x_items_vs_1x": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

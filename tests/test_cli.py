@@ -1,0 +1,87 @@
+"""The `moon` command as a user runs it: real processes, real files."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pyarrow.compute as pc
+from PIL import Image
+
+from moon.data.tables import read_manifest, read_table
+
+from conftest import TINY_WORLD, shared_data
+
+
+def moon(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "moon", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_help_lists_the_stages():
+    result = moon("--help")
+    assert result.returncode == 0
+    for stage in ("simulate", "ingest", "demo", "config"):
+        assert stage in result.stdout
+
+
+def test_demo_on_a_tiny_world(tmp_path):
+    result = moon("demo", "--quiet", *TINY_WORLD, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for line in ("items", "SPUs", "leaf categories", "users", "events: click", "CTR", "share of new items", "image queries"):
+        assert line in result.stdout
+    assert result.stderr == ""  # --quiet: no progress, no logs
+    run_dir = tmp_path / "runs" / "demo"
+    assert read_table(run_dir, "items").num_rows == 240
+    again = moon("demo", *TINY_WORLD, cwd=tmp_path)  # outputs are current: the stage is skipped
+    assert again.returncode == 0 and "skipped" in again.stderr
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+    for args in (
+        ("simulate", "world.itemz=3"),
+        ("simulate", "world.items=lots"),
+        ("simulate", "-c", str(tmp_path / "missing.yaml")),
+        ("ingest", str(tmp_path / "no-such-catalogue")),
+        ("simulate", "--catalog", str(tmp_path), "--run-dir", str(tmp_path / "run")),
+    ):
+        result = moon(*args)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_config_show_prints_the_resolved_config():
+    result = moon("config", "show", "world.items=123")
+    assert result.returncode == 0
+    assert "items: 123" in result.stdout and "# number of items (SKUs) in the catalogue" in result.stdout
+
+
+def test_ingest_then_simulate_over_the_real_kaggle_sample(tmp_path):
+    source = shared_data("fashion-2k-kaggle")
+    run_dir = tmp_path / "kaggle"
+    ingest = moon("ingest", str(source), "--run-dir", str(run_dir), "--quiet")
+    assert ingest.returncode == 0, ingest.stderr
+    assert "kept" in ingest.stdout
+    overrides = ["behaviour.users=30", "behaviour.days=3", "behaviour.photo_size=48"]
+    sim = moon("simulate", "--catalog", str(run_dir), "--run-dir", str(run_dir), "--quiet", *overrides)
+    assert sim.returncode == 0, sim.stderr
+
+    items = read_table(run_dir, "items")
+    events = read_table(run_dir, "events")
+    assert items.num_rows >= 1990
+    assert set(pc.unique(events["item_id"]).to_pylist()) <= set(items["item_id"].to_pylist())
+    manifest = read_manifest(run_dir, "items")
+    assert manifest["simulated"] is False and manifest["simulated_columns"] == ["created_at"]
+    assert manifest["ingest"]["source"] == str(source)
+    for table in ("events", "users", "item_truth"):
+        assert read_manifest(run_dir, table)["simulated"] is True
+    # text queries use the real catalogue's words, image queries are photos of its real products
+    words = " ".join(pc.unique(events["query_text"].drop_null()).to_pylist())
+    assert "tshirts" in words or "watches" in words or "shirts" in words
+    photo = events.filter(pc.is_valid(events["query_image"]))["query_image"][0].as_py()
+    assert Image.open(io.BytesIO(photo)).size == (48, 48)
+    # a second simulation over the same run directory re-simulates launch times
+    again = moon("simulate", "--catalog", str(run_dir), "--run-dir", str(run_dir), "--quiet", *overrides, "behaviour.start_date=2026-06-01")
+    assert again.returncode == 0, again.stderr
+    assert read_manifest(run_dir, "items")["simulated_columns"] == ["created_at"]
+    assert json.loads((run_dir / "events" / "manifest.json").read_text())["period_start"] == "2026-06-01"

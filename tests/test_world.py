@@ -1,0 +1,162 @@
+import io
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from moon.config import load_config
+from moon.data import schema
+from moon.data.tables import read_manifest, read_table
+from moon.data.world.catalog import build_catalog, build_leaves, title
+from moon.data.world.render import PATTERNS
+from moon.data.world.simulate import simulate
+
+from conftest import TINY_WORLD
+
+SMALL = ["world.items=120", "world.leaf_categories=8", "behaviour.users=15", "behaviour.days=3"]
+
+
+def small_world(tmp_path, *extra):
+    config = load_config(None, [*TINY_WORLD, *SMALL, *extra])
+    simulate(config, tmp_path)
+    return tmp_path
+
+
+def test_same_seed_same_world_other_seed_other_world(tmp_path):
+    a = small_world(tmp_path / "a")
+    b = small_world(tmp_path / "b", "world.chunk_items=37")  # chunking must not change the world
+    c = small_world(tmp_path / "c", "seed=1")
+    for table in ("items", "events", "users"):
+        assert read_table(a, table).equals(read_table(b, table)), table
+    assert not read_table(a, "items").equals(read_table(c, "items"))
+    assert not read_table(a, "events").equals(read_table(c, "events"))
+    assert len(list((b / "items").glob("part-*.parquet"))) == 4
+
+
+def test_tables_follow_the_schemas(tiny_world):
+    for name in ("items", "events", "users", "item_truth"):
+        table = read_table(tiny_world, name)
+        assert table.schema.equals(schema.TABLES[name]), name
+        assert table.num_rows > 0
+        assert read_manifest(tiny_world, name)["simulated"] is True
+    items = read_table(tiny_world, "items")
+    assert pc.count_distinct(items["item_id"]).as_py() == items.num_rows
+    assert set(pc.unique(read_table(tiny_world, "events")["action"]).to_pylist()) == set(schema.ACTIONS)
+
+
+def test_default_tree_has_three_levels_and_fifty_leaves():
+    config = load_config()
+    leaves = build_leaves(config.world.leaf_categories, config.seed)
+    assert len({leaf.path for leaf in leaves}) == len(leaves) >= 50
+    assert all(len(leaf.path) == 3 for leaf in leaves)
+    assert len({leaf.path[0] for leaf in leaves}) >= 5
+    catalog = build_catalog(config.world, config.behaviour, config.seed)
+    assert len(catalog) == config.world.items
+    assert len(np.unique(catalog.leaf)) >= 50
+    assert build_leaves(300, 0)[-1].path[2].split()[0] in {"Kids", "Premium", "Vintage", "Sport", "Eco"}
+
+
+def test_skus_of_an_spu_are_variants_of_one_product(tiny_world):
+    items = read_table(tiny_world, "items").to_pylist()
+    by_spu = {}
+    for item in items:
+        by_spu.setdefault(item["spu_id"], []).append(item)
+    multi = [skus for skus in by_spu.values() if len(skus) > 1]
+    assert len(multi) >= 0.2 * len(by_spu), "too few SPUs with variants"
+    for skus in multi:
+        attrs = [dict(s["attributes"]) for s in skus]
+        assert len({tuple(s["category"]) for s in skus}) == 1
+        assert len({a["brand"] for a in attrs}) == 1 and len({s["shop_id"] for s in skus}) == 1
+        variants = {(a["colour"], a.get("size")) for a in attrs}
+        assert len(variants) == len(skus), "every SKU differs in colour or size"
+        for a, b in zip(skus, skus[1:]):
+            same_colour = dict(a["attributes"])["colour"] == dict(b["attributes"])["colour"]
+            assert (a["image"] == b["image"]) == same_colour  # size variants look the same
+
+
+def test_titles_are_noisy_and_never_name_the_pattern():
+    config = load_config()
+    catalog = build_catalog(config.world, config.behaviour, config.seed)
+    titles = [title(catalog, i, config.world.title_noise) for i in range(600)]
+    assert len(set(titles)) > 0.8 * len(titles)
+    for i, text in enumerate(titles):
+        assert PATTERNS[catalog.pattern[i]] not in text.lower().split()
+    # the same leaf is named with several synonyms
+    leaf = np.bincount(catalog.leaf[:600]).argmax()
+    synonyms = catalog.leaves[leaf].synonyms
+    used = {s for i in np.flatnonzero(catalog.leaf[:600] == leaf) for s in synonyms if s in titles[i].lower()}
+    assert len(used) >= 2
+
+
+def test_clicks_follow_the_users_visual_taste_at_the_same_position(tmp_path):
+    run = small_world(
+        tmp_path, "behaviour.users=200", "behaviour.days=5", "behaviour.image_query_share=0", "world.items=400"
+    )
+    events = read_table(run, "events").to_pandas()
+    users = read_table(run, "users").to_pandas().set_index("user_id")
+    truth = read_table(run, "item_truth").to_pandas().set_index("item_id")
+    shown = events[events.action == "impression"].copy()
+    clicked = set(zip(events.session_id[events.action == "click"], events.item_id[events.action == "click"]))
+    shown["clicked"] = [(s, i) in clicked for s, i in zip(shown.session_id, shown.item_id)]
+    style_user = np.stack(users.loc[shown.user_id, "style_taste"].to_numpy())
+    style_item = np.stack(truth.loc[shown.item_id, "style"].to_numpy())
+    shown["match"] = -np.linalg.norm(style_user - style_item, axis=1)
+    differences = []
+    for position in range(1, 5):
+        at = shown[shown.position == position]
+        high = at.match >= at.match.quantile(2 / 3)
+        low = at.match <= at.match.quantile(1 / 3)
+        differences.append(at.clicked[high].mean() - at.clicked[low].mean())
+    assert all(d > 0 for d in differences), differences
+    assert np.mean(differences) > 0.03, differences
+
+
+def test_new_items_appear_during_the_period(tiny_world):
+    items = read_table(tiny_world, "items", ["item_id", "created_at"])
+    events = read_table(tiny_world, "events", ["ts", "item_id"])
+    start = np.datetime64(read_manifest(tiny_world, "events")["period_start"], "ms").astype(np.int64)
+    launched = dict(zip(items["item_id"].to_pylist(), items["created_at"].cast("int64").to_pylist()))
+    new = {item for item, ts in launched.items() if ts >= start}
+    assert 0.05 < len(new) / len(launched) < 0.35
+    ts = events["ts"].cast("int64").to_numpy()
+    shown = events["item_id"].to_pylist()
+    assert all(t >= launched[item] for t, item in zip(ts, shown)), "an item was shown before its launch"
+    day = (ts - start) // 86_400_000
+    new_by_day = [{item for item, d in zip(shown, day) if d == k and item in new} for k in range(day.max() + 1)]
+    assert len(new_by_day[-1]) > len(new_by_day[0]), "more new items are on show as the period goes on"
+
+
+def test_image_queries_are_user_photos(tiny_world):
+    events = read_table(tiny_world, "events", ["session_id", "query_text", "query_image", "action"])
+    image_rows = events.filter(pc.is_valid(events["query_image"]))
+    text_rows = events.filter(pc.is_valid(events["query_text"]))
+    assert image_rows.num_rows > 0 and text_rows.num_rows > 0
+    assert image_rows.num_rows + text_rows.num_rows == events.num_rows  # each query is one or the other
+    photo = Image.open(io.BytesIO(image_rows["query_image"][0].as_py()))
+    assert photo.format == "JPEG" and photo.size == (48, 48)
+
+
+def test_user_photos_come_from_the_product_but_differ_from_its_catalogue_image(tiny_world):
+    from moon.data.world.photos import user_photo
+
+    items = read_table(tiny_world, "items", ["item_id", "image"]).slice(0, 40)
+    catalogue = [Image.open(io.BytesIO(b.as_py())).convert("RGB") for b in items["image"]]
+    rng = np.random.default_rng(0)
+    photos = [Image.open(io.BytesIO(user_photo(img, rng, 48))).convert("RGB") for img in catalogue]
+
+    def feature(img):  # hue x saturation histogram of the centre, where the product is
+        hsv = np.asarray(img.resize((32, 32)).crop((8, 8, 24, 24)).convert("HSV"), dtype=np.int32)
+        codes = (hsv[..., 0] * 12 // 256) * 3 + np.minimum(hsv[..., 1] // 86, 2)
+        counts = np.bincount(codes[hsv[..., 2] > 60], minlength=36) + 1e-3
+        return np.sqrt(counts / counts.sum())
+
+    catalogue_features = np.stack([feature(c) for c in catalogue])
+    hits, ranks = 0, []
+    for i, photo in enumerate(photos):
+        assert np.abs(np.asarray(photo, float) - np.asarray(catalogue[i].resize(photo.size), float)).mean() > 10
+        score = catalogue_features @ feature(photo)
+        looks_same = np.array([items["image"][j] == items["image"][i] for j in range(len(catalogue))])  # size variants
+        hits += looks_same[np.argmax(score)]
+        ranks.append((score > score[looks_same].max()).sum())
+    assert hits / len(photos) > 0.3 and np.mean(ranks) < 10  # chance: 1/40 and 19.5
