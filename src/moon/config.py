@@ -40,7 +40,8 @@ class WorldConfig(Section):
         0.3, ge=0.0, le=1.0, description="strength of title noise: synonyms, marketing words, dropped attributes"
     )
     image_size: int = Field(96, ge=32, le=1024, description="side in pixels of drawn catalogue images")
-    chunk_items: int = Field(4096, gt=0, description="items generated and written per streamed chunk")
+    chunk_items: int = Field(1024, gt=0, description="items generated and written per streamed chunk")
+    workers: int = Field(0, ge=0, description="processes drawing image chunks; 0: one per CPU core")
 
 
 class BehaviourConfig(Section):

@@ -177,9 +177,9 @@ def _occlude(photo: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> 
     for _ in range(3):  # shrink until the cover is small enough
         cover = _cover_mask(size, cx, cy, share * area, angle, thumb)
         covered = float((cover * alpha).sum()) / area
-        if covered <= 0.25:
+        if covered <= 0.22:  # a margin under a quarter: the blurred edge covers a little too
             break
-        share *= 0.2 / covered
+        share *= 0.18 / covered
     else:
         return
     shade = colour * (0.85 + 0.15 * cover[..., None])  # the edge of a thumb is darker

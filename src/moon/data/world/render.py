@@ -28,6 +28,7 @@ BACKGROUND = np.array([247, 247, 245], dtype=np.float32)
 FILL = 0.84  # share of the frame the product's longer side takes
 SUPERSAMPLE = 2  # masks are drawn at this multiple of the size, then reduced (antialiasing)
 CORNER_SAMPLES = 5  # points per rounded corner
+WEIGHTS = ("background", "colour", "accent", "structure", "decoration", "outline", "halo", "mark")  # layers mixed
 CORNER_T = np.linspace(0, 1, CORNER_SAMPLES)[None, :, None]
 
 
@@ -111,7 +112,7 @@ class Figure:
         self.parts = [(filled, kind, unit(pts), width / extent) for filled, kind, pts, width in self.parts]
         self.details = [(kind, unit(pts), width / extent, at) for kind, pts, width, at in self.details]
         mx, my, mr = self.mark
-        self.mark = (*unit(np.array([mx, my])), mr / extent)
+        self.mark = tuple(float(v) for v in (*unit(np.array([mx, my])), mr / extent))
 
         polygons = [pts for _, kind, pts, _ in self.parts if kind == "poly"]
         self._corners = np.vstack(polygons) if polygons else np.zeros((0, 2))
@@ -169,10 +170,10 @@ def _tshirt(f: Figure, a, b, c) -> None:
 
 def _shirt(f: Figure, a, b, c) -> None:
     w, length, neck = 0.27 + 0.06 * a, 0.85 + 0.2 * b, 0.08
-    cuff_x = -w - 0.10 - 0.05 * a
+    cuff_x = -w - 0.08 - 0.04 * a  # slim sleeves hanging close to the body
     f.mirrored(
         [(0, 0.06), (-neck, -0.02), (-w, 0.05), (cuff_x, 0.72 * length), (cuff_x + 0.11, 0.74 * length),
-         (-w + 0.01, 0.30), (-w, length - 0.02), (-0.1, length + 0.03), (0, length)]
+         (-w + 0.01, 0.30), (-w, length - 0.08), (-0.12, length + 0.05), (0, length + 0.02)]  # curved tail
     )
     collar = 0.08 + 0.06 * c
     for s in (-1, 1):  # pointed collar tips over the neckline
@@ -196,7 +197,7 @@ def _dress(f: Figure, a, b, c) -> None:
     for s in (-1, 1):
         f.line([(s * (bodice - 0.03), 0.1), (s * (bodice - 0.05), -0.05)], 0.03)  # straps
     f.detail([(-bodice + 0.02, waist), (bodice - 0.02, waist)], 0.03, at=0.1)  # belt
-    f.detail(_arc(0, length - 0.05, hem, 0.03, 180, 360) * (0.95, 1) + (0, 0), 0.018, at=0.35)
+    f.detail(_arc(0, length - 0.05, hem * 0.95, 0.03, 180, 360), 0.018, at=0.35)  # hem trim
     for k in (-1, 0, 1):
         f.detail([(k * 0.04, waist + 0.02), (k * hem * 0.55, length - 0.02)], 0.01, at=0.6)  # folds
     f.mark = (0.0, 0.23, 0.06)
@@ -214,34 +215,34 @@ def _skirt(f: Figure, a, b, c) -> None:
     f.mark = (waist * 0.5, 0.2, 0.06)
 
 
-def _legwear(f: Figure, a, b, c, length: float, flare: float) -> None:
-    hip = 0.22 + 0.05 * a
-    hem = [(-hip - flare, length), (-0.03 - 0.5 * flare, length)]
-    f.mirrored([(0, 0), (-hip, 0), (-hip - 0.02, 0.28), *hem, (0, 0.34)])
+def _legwear(f: Figure, a, b, c, length: float, flare: float, gap: float) -> None:
+    hip, crotch = 0.22 + 0.05 * a, 0.3
+    hem = [(-hip - flare, length), (-gap - 0.5 * flare, length)]
+    f.mirrored([(0, 0), (-hip + 0.01, 0), (-hip - 0.02, crotch - 0.02), *hem, (0, crotch)])
     f.detail([(-hip, 0.06), (hip, 0.06)], 0.015)  # waistband
     f.detail([(0.0, 0.07), (0.0, 0.26)], 0.012)  # fly
     for s in (-1, 1):
         pocket = [(s * hip * 0.95, 0.08), (s * hip * (0.5 - 0.15 * c), 0.1), (s * hip * 1.02, 0.22)]
         f.detail(pocket, 0.012, at=0.25)
         f.detail([(s * (hip * 0.55), 0.36), (s * (hip * 0.55 + flare * 0.5), length - 0.03)], 0.01, at=0.5)  # crease
-        f.detail([(s * (hip + flare), length - 0.05), (s * (0.03 + 0.5 * flare), length - 0.05)], 0.012, at=0.65)
+        f.detail([(s * (hip + flare), length - 0.05), (s * (gap + 0.5 * flare), length - 0.05)], 0.012, at=0.65)  # hems
     f.mark = (-hip * 0.45, 0.15, 0.055)
 
 
 def _trousers(f: Figure, a, b, c) -> None:
-    _legwear(f, a, b, c, 0.95 + 0.25 * b, 0.02 + 0.04 * c)
+    _legwear(f, a, b, c, 0.95 + 0.25 * b, 0.02 + 0.04 * c, gap=0.1)
 
 
 def _shorts(f: Figure, a, b, c) -> None:
-    _legwear(f, a, b, c, 0.42 + 0.12 * b, 0.06 + 0.06 * c)
+    _legwear(f, a, b, c, 0.5 + 0.12 * b, 0.03 + 0.04 * c, gap=0.04)
 
 
 def _jacket(f: Figure, a, b, c) -> None:
-    w, length, neck = 0.31 + 0.06 * a, 0.95 + 0.3 * b, 0.08
-    cuff_x = -w - 0.14
+    w, length, neck = 0.33 + 0.06 * a, 1.0 + 0.3 * b, 0.08
+    cuff_x = -w - 0.2  # padded shoulders, sleeves held away from the body
     f.mirrored(
-        [(0, 0.40 - 0.1 * c), (-neck, 0.0), (-neck - 0.03, -0.07), (-w, 0.05), (cuff_x, 0.78), (cuff_x + 0.12, 0.80),
-         (-w + 0.02, 0.30), (-w - 0.02, length), (0, length)]
+        [(0, 0.45 - 0.1 * c), (-neck, 0.0), (-neck - 0.04, -0.1), (-w - 0.02, 0.02), (cuff_x, 0.75),
+         (cuff_x + 0.12, 0.79), (-w + 0.02, 0.32), (-w - 0.06, length), (0, length)]
     )
     for s in (-1, 1):  # lapels
         f.detail([(s * neck, 0.0), (s * 0.12, 0.2), (s * 0.02, 0.40 - 0.1 * c)], 0.018)
@@ -285,6 +286,10 @@ def _sneaker(f: Figure, a, b, c) -> None:
         f.detail([(x - 0.02, top + 0.06 + 0.045 * k), (x + 0.04, top + 0.1 + 0.045 * k)], 0.018)  # laces
     f.detail(_arc(-0.05, 0.2, 0.28, 0.1, 200, 340), 0.02, at=0.2)  # side stripe
     f.detail([(0.32, 0.25), (0.48, 0.36)], 0.015, at=0.5)  # toe cap
+    f.detail([(-0.47, top + 0.05), (-0.47, 0.36)], 0.04, at=0.3)  # heel tab
+    for k in range(9):  # tread
+        x, y = -0.44 + 0.11 * k, 0.4 + sole * 0.5
+        f.detail([(x, y), (x + 0.04, y)], 0.02, at=0.45 + 0.03 * k)
     f.mark = (-0.32, 0.26, 0.06)
 
 
@@ -314,20 +319,24 @@ def _heel(f: Figure, a, b, c) -> None:
          (-0.42, seat + 0.02), (-0.47, seat - 0.08)]
     )  # fmt: skip
     f.detail([(-0.44, seat - 0.16), (-0.3, seat - 0.1), (-0.1, seat - 0.01), (0.08, vamp + 0.03)], 0.015, at=0.2)
-    f.dot(0.1, vamp + 0.03, 0.03, at=0.45)  # bow
+    f.dot(0.1, vamp + 0.03, 0.03 + 0.02 * c, at=0.45)  # bow
     f.detail([(0.18, ground - 0.015), (0.46, ground - 0.015)], 0.012, at=0.6)
+    f.detail([(-0.33, seat + 0.02), (-0.365, ground - 0.01)], 0.025, at=0.3)  # contrasting heel
+    for k in range(5):
+        f.dot(-0.38 + 0.1 * k, seat - 0.1 + 0.03 * k + 0.02 * k * k / 4, 0.018, at=0.2 + 0.08 * k)  # studs
     f.mark = (-0.34, seat - 0.09, 0.045)
 
 
 def _sandal(f: Figure, a, b, c) -> None:
     f.poly([(-0.5, 0.6), (0.42, 0.58), (0.5, 0.62), (0.46, 0.68), (-0.48, 0.68)])  # sole
     strap = 0.035 + 0.02 * c
-    f.line(_arc(0.22, 0.6, 0.14, 0.16 + 0.06 * b, 180, 360), strap)
-    f.line(_arc(-0.02, 0.6, 0.13, 0.2 + 0.06 * b, 180, 360), strap)
-    f.line(_arc(-0.32, 0.6, 0.12 + 0.04 * a, 0.28 + 0.06 * b, 180, 360), strap)
+    straps = [(0.22, 0.14, 0.16 + 0.06 * b), (-0.02, 0.13, 0.2 + 0.06 * b), (-0.32, 0.12 + 0.04 * a, 0.28 + 0.06 * b)]
+    for k, (x, rx, ry) in enumerate(straps):
+        f.line(_arc(x, 0.6, rx, ry, 180, 360), strap)
+        f.dot(x, 0.6 - ry, 0.025, at=0.4)  # buckle
+        for t in (210, 330):  # studs
+            f.dot(x + rx * math.cos(math.radians(t)), 0.6 + ry * math.sin(math.radians(t)), 0.022, at=0.2 + 0.1 * k)
     f.detail([(-0.48, 0.64), (0.46, 0.63)], 0.012, at=0.2)
-    for x in (-0.32, -0.02, 0.22):
-        f.dot(x, 0.6 - 0.2 - 0.06 * b + 0.02, 0.025, at=0.4)  # buckles
     f.mark = (-0.1, 0.64, 0.035)
 
 
@@ -425,11 +434,14 @@ def _sunglasses(f: Figure, a, b, c) -> None:
     rx, ry, gap = 0.2 + 0.03 * a, 0.12 + 0.06 * b, 0.05
     for s in (-1, 1):
         cx = s * (gap + rx)
-        f.poly(_ellipse_points(cx, 0.5, rx, ry, 0, 20) + (0, 0))  # frame, softened by roundness
+        f.poly(_ellipse_points(cx, 0.5, rx, ry, 0, 20))  # a polygon, not "smooth": roundness softens it
         temple = [(s * (gap + 2 * rx - 0.01), 0.5 - ry * 0.6), (s * (gap + 2 * rx + 0.1), 0.5 - ry * 0.8)]
         f.line(temple, 0.035)
         f.detail(_ellipse_points(cx, 0.5, rx - 0.035, ry - 0.035, 0, 20)[list(range(20)) + [0]], 0.02)  # rims
         f.detail([(cx - rx * 0.4, 0.5 - ry * 0.3), (cx - rx * 0.1, 0.5 - ry * 0.6)], 0.02, at=0.3)  # glint
+        for k, t in enumerate((220, 250, 280, 310)):  # rhinestones along the top of the frame
+            t = math.radians(t)
+            f.dot(cx + (rx - 0.018) * math.cos(t), 0.5 + (ry - 0.018) * math.sin(t), 0.016, at=0.15 + 0.1 * k)
     f.line(_arc(0, 0.5 - ry * 0.4, gap + 0.02, 0.05 + 0.03 * c, 180, 360), 0.035)  # bridge
     f.mark = (gap + 2 * rx - 0.05, 0.5 - ry * 0.55, 0.035)
 
@@ -439,11 +451,13 @@ def _necklace(f: Figure, a, b, c) -> None:
     for t in np.linspace(-0.92, 0.92, 15):  # a U of beads, hanging from the top corners
         x, y = w * np.sin(t * np.pi / 2), depth * np.cos(t * np.pi / 2)
         f.ellipse(x, y, bead, bead)
+        f.dot(x - bead * 0.2, y - bead * 0.2, bead * 0.4, at=0.1 + 0.5 * abs(t))  # facets catching the light
     pendant = 0.09 + 0.05 * c
     f.line([(0, depth), (0, depth + 0.06)], 0.025)
     top = depth + 0.04
     f.poly([(0, top), (pendant, top + pendant), (0, top + 2.4 * pendant), (-pendant, top + pendant)])
     f.detail([(0, depth + 0.08), (0, depth + 0.04 + 2.2 * pendant)], 0.015, at=0.3)
+    f.detail([(-pendant * 0.6, top + pendant), (pendant * 0.6, top + pendant)], 0.015, at=0.5)
     f.mark = (0.0, depth + 0.04 + 1.1 * pendant, 0.045)
 
 
@@ -512,8 +526,10 @@ def _pillow(f: Figure, a, b, c) -> None:
 
 
 def _phone(f: Figure, a, b, c) -> None:
-    w, h = 0.24 + 0.04 * a, 0.95 + 0.1 * b
-    f.poly([(-w, 0), (w, 0), (w, h), (-w, h)])
+    w, h, r = 0.24 + 0.04 * a, 0.95 + 0.1 * b, 0.09
+    corners = [_arc(x, y, r, r, start, start + 90, 6) for x, y, start in
+               [(w - r, r, 270), (w - r, h - r, 0), (-w + r, h - r, 90), (-w + r, r, 180)]]  # fmt: skip
+    f.poly(np.vstack(corners))  # phones are rounded whatever the style
     cam = 0.12 + 0.04 * c
     f.frame(-w + 0.05, 0.05, -w + 0.05 + cam, 0.05 + cam, 0.02)  # camera bump
     f.dot(-w + 0.05 + cam * 0.3, 0.05 + cam * 0.3, cam * 0.18)  # lenses
@@ -541,6 +557,8 @@ def _laptop(f: Figure, a, b, c) -> None:
     f.frame(-w + 0.04, 0.04, w - 0.04, h - 0.04, 0.02)  # bezel
     f.detail([(-0.08, h + 0.045), (0.08, h + 0.045)], 0.015, at=0.2)  # trackpad
     f.dot(0, 0.02, 0.012, at=0.4)
+    for k, (x, y, r) in enumerate([(-0.55, 0.3, 0.07), (0.5, 0.7, 0.09), (-0.3, 0.75, 0.05), (0.6, 0.25, 0.05)]):
+        f.dot(x * w, y * h, r, at=0.2 + 0.15 * k)  # stickers on the lid
     f.mark = (0.0, h * 0.5, 0.07)
 
 
@@ -616,7 +634,8 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, points: np.ndarray, width: float
 
 
 def _masks(figure: Figure, size: int, roundness: float, ornament: float, mark: str, mark_jitter) -> tuple:
-    """Coverage (uint8, 0-255, size x size) of the silhouette, its details, the brand mark and its halo."""
+    """Coverage (uint8, 0-255, size x size) of the silhouette, its structure and decoration
+    details, the brand mark and the mark's halo."""
     canvas = SUPERSAMPLE * size
     scale, offset = FILL * canvas, canvas / 2  # the figure is centred with its longer side 1
     polygons = iter(figure.rounded_polygons(roundness * 0.09 / FILL))
@@ -630,37 +649,58 @@ def _masks(figure: Figure, size: int, roundness: float, ornament: float, mark: s
     if roundness > 0:  # soft edges for soft styles
         silhouette = silhouette.filter(ImageFilter.BoxBlur(roundness * 0.7 * size / 96))
 
-    details = Image.new("L", (canvas, canvas), 0)
-    draw = ImageDraw.Draw(details)
+    # Structure (always there) and decorations (fading in with ornament) are drawn apart,
+    # because decorations take the accent colour.
+    structure, decoration = Image.new("L", (canvas, canvas), 0), Image.new("L", (canvas, canvas), 0)
+    draws = ImageDraw.Draw(structure), ImageDraw.Draw(decoration)
     for kind, points, width, at in figure.details:
         alpha = 1.0 if at is None else min(max((ornament - at) * 4.0, 0.0), 1.0)
         if alpha > 0:
+            draw = draws[at is not None]
             _draw(draw, kind, points * scale + offset, width * scale, round(255 * alpha), joint=None)
 
     # The mark sits on a halo that keeps it readable on a product of the same colour.
     mx, my, mr = figure.mark
-    centre = np.array([mx, my]) * scale + offset + mark_jitter * canvas
-    marks, halo = Image.new("L", (canvas, canvas), 0), Image.new("L", (canvas, canvas), 0)
-    _draw_mark(ImageDraw.Draw(marks), mark, centre, mr * scale, 0.0)
-    _draw_mark(ImageDraw.Draw(halo), mark, centre, mr * scale, 1.2 * canvas / 96)
-    details, marks, halo = (im.reduce(SUPERSAMPLE) for im in (details, marks, halo))
-    return tuple(np.asarray(im) for im in (silhouette, details, marks, halo))
+    centre = (mx * scale + offset + mark_jitter[0] * canvas, my * scale + offset + mark_jitter[1] * canvas)
+    mark_mask, halo_mask = _mark_masks(mark, centre, mr * scale, 1.2 * canvas / 96, size)
+    structure, decoration = (np.asarray(im.reduce(SUPERSAMPLE)) for im in (structure, decoration))
+    return np.asarray(silhouette), structure, decoration, mark_mask, halo_mask
 
 
-def _draw_mark(draw: ImageDraw.ImageDraw, mark: str, centre: np.ndarray, r: float, grow: float) -> None:
+def _mark_masks(mark: str, centre, r: float, grow: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage of the brand mark and of its halo; drawn on a small patch, as the mark is small."""
+    reach = 1.5 * r + 2 * grow + 4
+    spans = []  # the patch, in output pixels, on each axis
+    for c in centre:
+        low = min(max(int((c - reach) // SUPERSAMPLE), 0), size - 1)
+        spans.append((low, min(max(math.ceil((c + reach) / SUPERSAMPLE), low + 1), size)))
+    (x0, x1), (y0, y1) = spans
+    patch = (SUPERSAMPLE * (x1 - x0), SUPERSAMPLE * (y1 - y0))
+    inside = (centre[0] - SUPERSAMPLE * x0, centre[1] - SUPERSAMPLE * y0)
+    layers = []
+    for extra in (0.0, grow):
+        image = Image.new("L", patch, 0)
+        _draw_mark(ImageDraw.Draw(image), mark, inside, r, extra, 255)
+        layer = np.zeros((size, size), dtype=np.uint8)
+        layer[y0:y1, x0:x1] = np.asarray(image.reduce(SUPERSAMPLE))
+        layers.append(layer)
+    return layers[0], layers[1]
+
+
+def _draw_mark(draw: ImageDraw.ImageDraw, mark: str, centre, r: float, grow: float, fill) -> None:
     """A brand mark of radius `r`, every edge pushed out by `grow` pixels."""
     cx, cy = centre
     g = grow
     if mark in ("circle", "ring"):
         box = [cx - r - g, cy - r - g, cx + r + g, cy + r + g]
         if mark == "circle":
-            draw.ellipse(box, fill=255)
+            draw.ellipse(box, fill=fill)
         else:
-            draw.ellipse(box, outline=255, width=max(2, round(r * 0.4 + 2 * g)))
+            draw.ellipse(box, outline=fill, width=max(2, round(r * 0.4 + 2 * g)))
     elif mark in ("square", "bar", "cross"):
         half = {"square": [(0.85, 0.85)], "bar": [(1.3, 0.35)], "cross": [(1.0, 0.32), (0.32, 1.0)]}[mark]
         for hx, hy in half:
-            draw.rectangle([cx - hx * r - g, cy - hy * r - g, cx + hx * r + g, cy + hy * r + g], fill=255)
+            draw.rectangle([cx - hx * r - g, cy - hy * r - g, cx + hx * r + g, cy + hy * r + g], fill=fill)
     else:
         if mark == "triangle":
             unit = [(0, -1), (0.95, 0.75), (-0.95, 0.75)]
@@ -675,7 +715,7 @@ def _draw_mark(draw: ImageDraw.ImageDraw, mark: str, centre: np.ndarray, r: floa
         else:
             raise ValueError(f"unknown mark {mark!r}; expected one of {MARKS}")
         k = r + g
-        draw.polygon([(cx + x * k, cy + y * k) for x, y in unit], fill=255)
+        draw.polygon([(cx + x * k, cy + y * k) for x, y in unit], fill=fill)
 
 
 # ---------------------------------------------------------------- colour and pattern
@@ -696,8 +736,8 @@ def _tone(rgb, tone: float) -> np.ndarray:
 
 def _contrast(rgb: np.ndarray) -> np.ndarray:
     """A shade of the colour that stands out on it: darker on light colours, lighter on dark ones."""
-    light = float(rgb @ LUMA) > 110
-    return rgb * 0.55 if light else rgb + (255 - rgb) * 0.45
+    light = min(max((float(rgb @ LUMA) - 90) / 40, 0.0), 1.0)  # blended, so tone changes it smoothly
+    return light * rgb * 0.55 + (1 - light) * (rgb + (255 - rgb) * 0.45)
 
 
 @lru_cache(maxsize=16)
@@ -743,7 +783,7 @@ def _weights_buffer(size: int) -> np.ndarray:
     as much as filling it."""
     buffer = getattr(_local, "weights", None)
     if buffer is None or buffer.shape[1] != size:
-        buffer = _local.weights = np.empty((7, size, size), dtype=np.float32)
+        buffer = _local.weights = np.empty((len(WEIGHTS), size, size), dtype=np.float32)
     return buffer
 
 
@@ -761,28 +801,28 @@ def _dashes(size: int) -> np.ndarray:
     return ((x + y) % 4 < 2).astype(np.float32)
 
 
-def _erosions(mask: np.ndarray, steps: int) -> list[np.ndarray]:
-    """The mask eroded by 0, 1, ..., steps pixels (3x3 minimum, separable; any dtype).
+def _erosions(mask: np.ndarray, wanted: set[int]) -> dict[int, np.ndarray]:
+    """The mask eroded by each wanted number of pixels (3x3 minimum, separable; any dtype).
 
     Only the box around the nonzero pixels, plus a margin, is worked on: outside it every
     erosion is zero anyway.
     """
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if len(rows) == 0:
-        return [mask] * (steps + 1)
+        return dict.fromkeys(wanted, mask)
     box = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
-    out = [mask]
-    for _ in range(steps):
-        m = out[-1][box]
+    out = {0: mask}
+    m = mask[box]
+    for step in range(1, max(wanted) + 1):
         h = m.copy()
         np.minimum(h[:, 1:], m[:, :-1], out=h[:, 1:])
         np.minimum(h[:, :-1], m[:, 1:], out=h[:, :-1])
-        v = h.copy()
-        np.minimum(v[1:], h[:-1], out=v[1:])
-        np.minimum(v[:-1], h[1:], out=v[:-1])
-        eroded = np.zeros_like(mask)
-        eroded[box] = v
-        out.append(eroded)
+        m = h.copy()
+        np.minimum(m[1:], h[:-1], out=m[1:])
+        np.minimum(m[:-1], h[1:], out=m[:-1])
+        if step in wanted:
+            out[step] = np.zeros_like(mask)
+            out[step][box] = m
     return out
 
 
@@ -802,23 +842,24 @@ def draw_item(look: Look, size: int) -> Image.Image:
     # Python floats, so that no numpy float64 scalar promotes the float32 arrays.
     jitter = np.random.default_rng(look.seed).random(6).tolist()
     figure = _figure(look.shape, tuple(look.proportions))
-    masks = _masks(figure, size, roundness, ornament, look.mark, (np.array(jitter[4:6]) - 0.5) * 0.03)
+    masks = _masks(figure, size, roundness, ornament, look.mark, [(j - 0.5) * 0.03 for j in jitter[4:6]])
 
     # Outline: the band between the silhouette and its erosion by a non-integer width;
-    # stitching: a dashed band a few pixels further in.
+    # stitching: a dashed band just inside the widest outline.
     width = (0.4 + 2.6 * boldness) * size / 96
     low, frac = int(width), width - int(width)
-    stitch_at = low + 1 + 3 * size // 96
+    stitch_at = int(3 * size / 96) + 2
     stitch = min(max((ornament - 0.3) * 3, 0), 1)
-    eroded = _erosions(masks[0], stitch_at + 1 if stitch > 0 else low + 1)
+    eroded = _erosions(masks[0], {low, low + 1, stitch_at, stitch_at + 1} if stitch > 0 else {low, low + 1})
     to_float = lambda m: m.astype(np.float32) * (1 / 255)  # noqa: E731
-    silhouette, details, mark, halo = (to_float(m) for m in masks)
+    silhouette, structure, decoration, mark, halo = (to_float(m) for m in masks)
     inner = to_float(eroded[low]) * (1 - frac) + to_float(eroded[low + 1]) * frac
     outline = (silhouette - inner) * (0.45 + 0.55 * boldness)
-    detail = details * silhouette
+    structure *= silhouette
+    decoration *= silhouette
     if stitch > 0:
         ring = to_float(eroded[stitch_at]) - to_float(eroded[stitch_at + 1])
-        detail = np.clip(detail + ring * _dashes(size) * stitch, 0, 1)
+        decoration = np.clip(decoration + ring * _dashes(size) * stitch, 0, 1)
 
     colour = _tone(look.colour, 2 * tone - 1)
     accent = _tone(look.pattern_colour, 2 * tone - 1)
@@ -831,27 +872,32 @@ def draw_item(look: Look, size: int) -> Image.Image:
     # product over background, details and outline over the fill, then the mark on its halo.
     halo -= mark
     visible = (1 - halo - mark) * silhouette
-    body = visible * (1 - detail) * (1 - outline) * (1 + (0.05 + 0.1 * boldness) * _light(size))
+    drawn = visible * (1 - outline)
+    body = drawn * (1 - structure) * (1 - decoration) * (1 + (0.05 + 0.1 * boldness) * _light(size))
     weights = np.stack(
         [
             (1 - halo - mark) * (1 - silhouette),
             body * (1 - share),
             body * share,
-            visible * detail * (1 - outline),
+            drawn * structure * (1 - decoration),
+            drawn * decoration,
             visible * outline,
             halo,
             mark,
         ],
         out=_weights_buffer(size),
-    ).reshape(7, -1)
+    ).reshape(len(WEIGHTS), -1)
     mark_colour = np.asarray(look.mark_colour, dtype=np.float32)
     halo_colour = 30.0 if float(mark_colour @ LUMA) >= 140 else 255.0
+    # Decorations take the accent colour, unless it is too close to the main colour to show.
+    apart = min(float(np.abs(accent - colour).max()) / 80, 1.0)
     colours = np.stack(
         [
             BACKGROUND,
             colour,
             accent,
             _contrast(colour),
+            apart * accent + (1 - apart) * _contrast(colour),
             colour * (0.6 - 0.45 * boldness),
             np.full(3, halo_colour, dtype=np.float32),
             mark_colour,

@@ -8,7 +8,12 @@ the world. Every manifest says what was simulated.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from moon import ui
-from moon.config import MoonConfig
+from moon.config import MoonConfig, WorldConfig
 from moon.data import schema
 from moon.data.tables import TableWriter, has_table, read_manifest, read_table
 from moon.data.world import behaviour, market
@@ -52,15 +57,50 @@ def _drawn_world(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
     world = config.world
     catalog = build_catalog(world, config.behaviour, config.seed)
     with TableWriter(run_dir, "items", schema.ITEMS) as writer, ui.progress("draw catalogue", len(catalog)) as advance:
-        for start in range(0, len(catalog), world.chunk_items):
-            stop = min(start + world.chunk_items, len(catalog))
-            writer.write(items_table(catalog, start, stop, world))
-            advance(stop - start)
+        for chunk in _drawn_chunks(catalog, world):
+            writer.write(chunk)
+            advance(chunk.num_rows)
         writer.commit(**common, simulated=True, simulated_columns="all")
     with TableWriter(run_dir, "item_truth", schema.ITEM_TRUTH) as writer:
         writer.write(_world_truth(catalog))
         writer.commit(**common, simulated=True)
     return market.from_world(catalog, world.image_size)
+
+
+def _drawn_chunks(catalog: Catalog, world: WorldConfig) -> Iterator[pa.Table]:
+    """Chunks of the items table in order; drawn by a pool of processes when there are several.
+
+    Each chunk is a pure function of the catalogue, so the pool changes only the speed.
+    At most two chunks per worker are in flight, which bounds memory.
+    """
+    bounds = [(start, min(start + world.chunk_items, len(catalog))) for start in range(0, len(catalog), world.chunk_items)]
+    workers = min(world.workers or os.cpu_count() or 1, len(bounds))
+    if workers <= 1:
+        yield from (items_table(catalog, start, stop, world) for start, stop in bounds)
+        return
+    # spawn, not fork: the parent runs a progress-bar thread, and forking a threaded process is unsafe.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(catalog, world)) as pool:
+        pending: deque = deque()
+        for chunk_bounds in bounds:
+            pending.append(pool.submit(_draw_chunk, chunk_bounds))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+_worker_state: tuple[Catalog, WorldConfig] | None = None
+
+
+def _start_worker(catalog: Catalog, world: WorldConfig) -> None:
+    global _worker_state
+    _worker_state = (catalog, world)
+
+
+def _draw_chunk(bounds: tuple[int, int]) -> pa.Table:
+    catalog, world = _worker_state
+    return items_table(catalog, *bounds, world)
 
 
 def _world_truth(catalog: Catalog) -> pa.Table:

@@ -1,0 +1,213 @@
+"""Drawn catalogue images (world.render) and shoppers' photos of them (world.photos)."""
+
+import colorsys
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from moon.data.world.photos import _occlude, decode_image, user_photo
+from moon.data.world.render import BACKGROUND, MARKS, PATTERNS, SHAPES, Look, draw_item, encode_png
+
+SIZE = 64
+STYLE_AXES = ("roundness", "boldness", "tone", "ornament")
+
+
+def look(shape="tshirt", pattern="stripes", style=(0.0, 0.0, 0.0, 0.0), **changes) -> Look:
+    base = dict(
+        shape=shape,
+        proportions=(0.5, 0.5, 0.5),
+        colour=(40, 100, 210),
+        pattern=pattern,
+        pattern_colour=(240, 210, 40),
+        mark="star",
+        mark_colour=(200, 30, 40),
+        style=tuple(style),
+        seed=7,
+    )
+    return Look(**{**base, **changes})
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def product_mask(image) -> np.ndarray:
+    """Pixels that differ visibly from the catalogue background."""
+    return np.abs(pixels(image) - BACKGROUND).max(axis=2) > 12
+
+
+def random_look(rng, i: int) -> Look:
+    def colour():
+        return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+    return Look(
+        shape=str(rng.choice(SHAPES)),
+        proportions=tuple(float(p) for p in rng.uniform(0.1, 0.9, 3)),
+        colour=colour(),
+        pattern=str(rng.choice(PATTERNS)),
+        pattern_colour=colour(),
+        mark=str(rng.choice(MARKS)),
+        mark_colour=colour(),
+        style=tuple(float(s) for s in rng.uniform(-1, 1, 4)),
+        seed=i,
+    )
+
+
+# ---------------------------------------------------------------- catalogue images
+
+
+def test_vocabularies():
+    assert PATTERNS[0] == "solid"  # catalog.PATTERN_WEIGHTS gives the first pattern the largest share
+    assert {"stripes", "dots", "checks", "zigzag", "gradient"} <= set(PATTERNS)
+    assert len(MARKS) >= 8 and len(set(MARKS)) == len(MARKS)
+    required = """tshirt shirt dress skirt trousers shorts jacket sweater sneaker boot heel sandal handbag backpack
+        wallet watch hat cap scarf sunglasses necklace mug bottle lamp chair pillow phone headphones laptop
+        perfume lipstick plush"""
+    assert set(required.split()) <= set(SHAPES)
+
+
+def test_same_look_gives_the_same_png():
+    a, b = encode_png(draw_item(look(), SIZE)), encode_png(draw_item(look(), SIZE))
+    assert a == b
+    image = Image.open(io.BytesIO(a))
+    assert image.format == "PNG" and image.mode == "RGB" and image.size == (SIZE, SIZE)
+    assert encode_png(draw_item(look(seed=8), SIZE)) != a  # the seed moves the pattern and the mark
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_is_a_centred_packshot_on_near_white(shape):
+    for pattern, style in [("solid", (-1, -1, -1, -1)), ("dots", (0, 0, 0, 0)), ("zigzag", (1, 1, 1, 1))]:
+        image = draw_item(look(shape, pattern, style, colour=(25, 25, 28)), SIZE)
+        a = np.asarray(image)
+        assert image.mode == "RGB" and a.shape == (SIZE, SIZE, 3)
+        border = np.concatenate([edge.reshape(-1, 3) for edge in (a[:2], a[-2:], a[:, :2], a[:, -2:])])
+        assert border.min() >= 235, f"{shape}: the product touches the border"
+        mask = product_mask(image)
+        assert 0.1 <= mask.mean() <= 0.75, f"{shape}/{pattern}: product covers {mask.mean():.0%} of the frame"
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert max(rows[-1] - rows[0], cols[-1] - cols[0]) >= 0.75 * SIZE  # fills most of the frame
+        centre = np.array([rows[0] + rows[-1], cols[0] + cols[-1]]) / 2
+        assert np.abs(centre - (SIZE - 1) / 2).max() <= 0.06 * SIZE
+
+
+def test_unknown_names_are_rejected():
+    for bad in (dict(shape="spaceship"), dict(pattern="paisley"), dict(mark="logo")):
+        with pytest.raises(ValueError):
+            draw_item(look(**bad), SIZE)
+
+
+def test_shapes_have_clearly_different_silhouettes():
+    masks = {shape: product_mask(draw_item(look(shape, "solid"), SIZE)) for shape in SHAPES}
+    for i, a in enumerate(SHAPES):
+        for b in SHAPES[i + 1 :]:
+            iou = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+            assert iou < 0.9, f"{a} and {b} look alike (IoU {iou:.2f})"
+
+
+def test_leaf_proportions_vary_a_shared_silhouette():
+    for shape in SHAPES:
+        a = product_mask(draw_item(look(shape, "solid", proportions=(0.1, 0.9, 0.1)), SIZE))
+        b = product_mask(draw_item(look(shape, "solid", proportions=(0.9, 0.1, 0.9)), SIZE))
+        assert (a & b).sum() / (a | b).sum() < 0.95, shape
+
+
+@pytest.mark.parametrize("axis", range(4), ids=STYLE_AXES)
+def test_style_axes_change_the_image_continuously(axis):
+    for shape, pattern in [("tshirt", "stripes"), ("handbag", "dots"), ("boot", "solid")]:
+
+        def image(value):
+            style = [0.0] * 4
+            style[axis] = value
+            return pixels(draw_item(look(shape, pattern, style), SIZE))
+
+        start = image(-0.7)
+        small = np.abs(image(-0.6) - start).mean()
+        large = np.abs(image(0.8) - start).mean()
+        assert large > 1.5, f"{STYLE_AXES[axis]} barely shows on {shape}"
+        assert small < 0.25 * large, f"{STYLE_AXES[axis]} jumps on {shape}: {small:.2f} vs {large:.2f}"
+
+
+def test_tone_keeps_the_hue():
+    for colour in [(200, 30, 40), (40, 150, 70), (40, 100, 210), (240, 130, 30)]:
+        hues = []
+        for tone in (-1.0, 1.0):
+            a = np.asarray(draw_item(look("pillow", "solid", (0, -1, tone, -1), colour=colour, mark="bar"), SIZE))
+            r, g, b = np.median(a[SIZE // 2 - 4 : SIZE // 2 + 4, SIZE // 4 : SIZE // 2].reshape(-1, 3), axis=0) / 255
+            hues.append(colorsys.rgb_to_hsv(r, g, b))
+        (pastel_hue, pastel_sat, _), (vivid_hue, vivid_sat, _) = hues
+        assert min(abs(pastel_hue - vivid_hue), 1 - abs(pastel_hue - vivid_hue)) < 0.04
+        assert vivid_sat > pastel_sat + 0.2
+
+
+# ---------------------------------------------------------------- user photos
+
+
+def hue_histogram(image, weight) -> np.ndarray:
+    """Hue x saturation histogram of the colourful pixels: robust to lighting and to grey clutter."""
+    a = np.asarray(image.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float64) / 255
+    hsv = np.asarray(image.convert("RGB").resize((32, 32), Image.BILINEAR).convert("HSV"), dtype=np.float64) / 256
+    hue, sat, val = hsv[..., 0], hsv[..., 1], a.max(axis=2)
+    w = weight * np.clip((sat - 0.15) * 5, 0, 1) * np.clip((val - 0.15) * 5, 0, 1)
+    codes = (hue * 12).astype(int) * 3 + np.minimum((sat * 3).astype(int), 2)
+    h = np.bincount(codes.ravel(), w.ravel(), 36)
+    return np.sqrt(h / (h.sum() + 1e-9))
+
+
+def test_user_photo_is_a_reproducible_jpeg():
+    catalogue = draw_item(look(), 96)
+    a = user_photo(catalogue, np.random.default_rng(3), 96)
+    assert a == user_photo(catalogue, np.random.default_rng(3), 96)
+    assert a != user_photo(catalogue, np.random.default_rng(4), 96)
+    photo = Image.open(io.BytesIO(a))
+    assert photo.format == "JPEG" and photo.mode == "RGB" and photo.size == (96, 96)
+    assert decode_image(a).size == (96, 96)
+
+
+def test_user_photos_differ_from_the_catalogue_but_find_their_product():
+    rng = np.random.default_rng(11)
+    catalogue = [draw_item(random_look(rng, i), 96) for i in range(40)]
+    photos = [decode_image(user_photo(image, rng, 96)) for image in catalogue]
+
+    distance = [np.abs(pixels(p) - pixels(c)).mean() for p, c in zip(photos, catalogue)]
+    assert min(distance) > 10 and np.mean(distance) > 40
+
+    centre = np.exp(-((np.arange(32) + 0.5) / 32 - 0.5) ** 2 / (2 * 0.25**2))
+    centre = centre[:, None] * centre[None, :]  # the product is near the middle of a photo
+    index = np.stack([hue_histogram(c, product_mask(c.resize((32, 32), Image.BILINEAR))) for c in catalogue])
+    hits = sum(int(np.argmax(index @ hue_histogram(p, centre))) == i for i, p in enumerate(photos))
+    assert hits / len(photos) >= 0.5  # chance is 1/40
+
+
+def test_user_photo_of_a_real_product_photo():
+    photo = Image.new("RGB", (60, 80), (255, 255, 255))
+    draw = ImageDraw.Draw(photo)
+    draw.polygon([(18, 8), (42, 8), (56, 26), (47, 32), (45, 74), (15, 74), (13, 32), (4, 26)], fill=(190, 40, 50))
+    draw.ellipse([24, 4, 36, 14], fill=(255, 255, 255))  # neckline
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=75)
+    real = decode_image(buffer.getvalue())
+
+    for seed in range(5):
+        shot = decode_image(user_photo(real, np.random.default_rng(seed), 72))
+        assert shot.size == (72, 72)
+        a = pixels(shot)
+        red = (a[..., 0] > a[..., 1] + 60) & (a[..., 0] > a[..., 2] + 50)
+        assert 0.15 < red.mean() < 0.8, f"the red shirt covers {red.mean():.0%} of the photo"
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        assert np.abs(border - 255).max(axis=1).mean() > 20  # a scene, not the white studio background
+
+
+def test_occlusion_covers_at_most_a_quarter_of_the_product():
+    size = 64
+    alpha = np.zeros((size, size), dtype=np.float32)
+    alpha[12:52, 20:44] = 1.0
+    covered = []
+    for seed in range(60):
+        photo = np.zeros((size, size, 3), dtype=np.float32)
+        _occlude(photo, alpha, np.random.default_rng(seed))
+        cover = photo.max(axis=2) / max(photo.max(), 1e-6)  # 1 where the cover is solid, soft at its edge
+        covered.append(float(cover[alpha > 0].mean()))
+    assert max(covered) <= 0.25
+    assert np.mean(np.array(covered) > 0.03) > 0.5  # most photos have something in the way
