@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pyarrow.compute as pc
+from conftest import TINY_WORLD, shared_data
 from PIL import Image
 
 from moon.data.tables import read_manifest, read_table
-
-from conftest import TINY_WORLD, shared_data
 
 
 def moon(*args, cwd=None):

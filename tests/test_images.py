@@ -8,7 +8,15 @@ import pytest
 from PIL import Image, ImageDraw
 
 from moon.data.world.photos import _occlude, decode_image, user_photo
-from moon.data.world.render import BACKGROUND, MARKS, PATTERNS, SHAPES, Look, draw_item, encode_png
+from moon.data.world.render import (
+    BACKGROUND,
+    MARKS,
+    PATTERNS,
+    SHAPES,
+    Look,
+    draw_item,
+    encode_png,
+)
 
 SIZE = 64
 STYLE_AXES = ("roundness", "boldness", "tone", "ornament")

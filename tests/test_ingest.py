@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import shared_data
 from PIL import Image
 
 from moon import ui
@@ -20,8 +21,6 @@ from moon.data.ingest import ingest
 from moon.data.schema import ITEMS, REJECTS
 from moon.data.tables import read_manifest, read_table
 from moon.errors import UserError
-
-from conftest import shared_data
 
 KAGGLE_HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 

@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pyarrow.compute as pc
-import pytest
+from conftest import TINY_WORLD
 from PIL import Image
 
 from moon.config import load_config
@@ -11,8 +11,6 @@ from moon.data.tables import read_manifest, read_table
 from moon.data.world.catalog import build_catalog, build_leaves, title
 from moon.data.world.render import PATTERNS
 from moon.data.world.simulate import simulate
-
-from conftest import TINY_WORLD
 
 SMALL = ["world.items=120", "world.leaf_categories=8", "behaviour.users=15", "behaviour.days=3"]
 

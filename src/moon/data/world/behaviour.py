@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from moon.config import BehaviourConfig
 from moon.data import schema
-from moon.data.world.catalog import SECONDS_PER_DAY, _unix
+from moon.data.world.catalog import SECONDS_PER_DAY, unix_seconds
 from moon.data.world.market import Market
 from moon.data.world.photos import user_photo
 from moon.data.world.vocab import REGIONS
@@ -135,7 +135,7 @@ class Sessions:
 
     def __init__(self, market: Market, users: Users, config: BehaviourConfig, seed: int):
         self.market, self.users, self.config, self.seed = market, users, config, seed
-        self.start = _unix(config.start_date)
+        self.start = unix_seconds(config.start_date)
         # Items of each leaf, ordered by launch time, so "available at ts" is a prefix.
         self.by_leaf = [np.flatnonzero(market.leaf == leaf) for leaf in range(int(market.leaf.max()) + 1)]
         self.by_leaf = [idx[np.argsort(market.created_at[idx], kind="stable")] for idx in self.by_leaf]

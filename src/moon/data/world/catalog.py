@@ -166,7 +166,7 @@ def build_catalog(world: WorldConfig, behaviour: BehaviourConfig, seed: int) -> 
     tier = np.array([brand.tier for brand in brands])[spu_brand]
     spu_price = np.round(base_price * BRAND_TIER_PRICE[tier] * rng.lognormal(0, 0.25, n_spu), 2)
     spu_is_new = rng.random(n_spu) < world.new_item_share
-    start = _unix(behaviour.start_date)
+    start = unix_seconds(behaviour.start_date)
     spu_created = np.where(
         spu_is_new,
         start + (rng.random(n_spu) * behaviour.days * SECONDS_PER_DAY),
@@ -206,7 +206,7 @@ def build_catalog(world: WorldConfig, behaviour: BehaviourConfig, seed: int) -> 
     )
 
 
-def _unix(day) -> int:
+def unix_seconds(day) -> int:
     return int(np.datetime64(day, "s").astype(np.int64))
 
 

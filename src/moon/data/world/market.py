@@ -20,7 +20,14 @@ from PIL import Image
 
 from moon import ui
 from moon.data.world import vocab
-from moon.data.world.catalog import COLOUR_NAMES, Catalog, _unix, item_id, look, SECONDS_PER_DAY
+from moon.data.world.catalog import (
+    COLOUR_NAMES,
+    SECONDS_PER_DAY,
+    Catalog,
+    item_id,
+    look,
+    unix_seconds,
+)
 from moon.data.world.render import draw_item
 
 SEARCHABLE_ATTRIBUTES = ("material", "usage", "season", "occasion", "finish")  # first present is used
@@ -84,7 +91,6 @@ def from_world(catalog: Catalog, image_size: int) -> Market:
 def from_items(items: pa.Table, new_item_share: float, start_date, days: int, seed: int) -> Market:
     """A market over a real catalogue. Items without a listing time get a simulated one."""
     rng = np.random.default_rng([seed, 9])
-    n = items.num_rows
     category = items.column("category").to_pylist()
     attributes = [dict(a or []) for a in items.column("attributes").to_pylist()]
     titles = items.column("title").to_pylist()
@@ -141,7 +147,7 @@ def _price_bands(price: np.ndarray, leaf: np.ndarray) -> np.ndarray:
 
 
 def _launch_times(items: pa.Table, new_item_share: float, start_date, days: int, rng) -> np.ndarray:
-    start = _unix(start_date)
+    start = unix_seconds(start_date)
     known = items.column("created_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
     is_new = rng.random(len(known)) < new_item_share
     simulated = np.where(

@@ -25,7 +25,14 @@ from moon.config import MoonConfig, WorldConfig
 from moon.data import schema
 from moon.data.tables import TableWriter, has_table, read_manifest, read_table
 from moon.data.world import behaviour, market
-from moon.data.world.catalog import COLOUR_NAMES, Catalog, build_catalog, item_id, items_table
+from moon.data.world.catalog import (
+    COLOUR_NAMES,
+    Catalog,
+    build_catalog,
+    item_id,
+    items_table,
+    unix_seconds,
+)
 from moon.data.world.render import PATTERNS
 from moon.errors import UserError
 
@@ -149,7 +156,7 @@ def _real_market(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
             simulated_columns=["created_at"] if not had_time.all() else [],
             simulated_created_at_rows=int((~had_time).sum()),
         )
-    start = np.datetime64(b.start_date, "s").astype(np.int64)
+    start = unix_seconds(b.start_date)
     with TableWriter(run_dir, "item_truth", schema.ITEM_TRUTH) as writer:
         writer.write(
             {
