@@ -87,7 +87,7 @@ class IngestSummary:
         rows = [("kept", self.kept)]
         rows += [(f"rejected: {reason}", n) for reason, n in self.rejected_by_reason.items() if n]
         rows.append(("rejected (total)", self.rejected))
-        rows.append(("seconds", round(self.seconds, 2)))
+        rows.append(("seconds", f"{self.seconds:.2f}"))
         return rows
 
 
