@@ -115,6 +115,50 @@ class IngestConfig(Section):
     shard_rows: int = Field(8192, gt=0, description="rows per output Parquet shard")
 
 
+# MOON's published stage-1 mix, in billions of pairs; only the proportions matter here.
+PUBLISHED_MIX = {
+    "text->richer-text": 0.2,
+    "text->image": 0.2,
+    "text->title+image": 0.2,
+    "text->richer-text+image": 0.5,
+    "image->image": 0.2,
+    "image->title+image": 0.5,
+    "image->richer-text+image": 0.2,
+    "title+image->title+image": 0.5,
+    "richer-text+image->richer-text+image": 0.1,
+}
+
+
+class PairsConfig(Section):
+    """Behaviour log -> stage-1 and stage-2 post-training pairs and the image-search evaluation set."""
+
+    mix: dict[str, float] = Field(
+        dict(PUBLISHED_MIX), description="stage-1 task -> share of pairs (MOON's published mix by default)"
+    )
+    action_weights: dict[str, float] = Field(
+        {"click": 1.0, "cart": 2.0, "purchase": 3.0}, description="pair weight by the strongest action taken"
+    )
+    valid_days: int = Field(2, ge=0, description="days before the test days whose pairs form the valid split")
+    test_days: int = Field(3, ge=1, description="last days of the log: the test split and the evaluation set")
+    dedup_similarity: bool = Field(True, description="stage 2: per item keep only its hardest (least similar) query")
+    spu_merge: bool = Field(True, description="stage 2: one pair per query and SPU; sibling SKUs are positives")
+    category_alignment: bool = Field(
+        True, description="stage 2: down-sample leaf categories over-represented against impressions"
+    )
+    ner_filter: bool = Field(True, description="stage 2: drop pairs whose query text or item title has few entities")
+    min_entities: int = Field(2, ge=0, description="entities a query text and an item title need to pass NER")
+    hard_negatives: int = Field(4, ge=0, description="stage 2: same-leaf, other-SPU negatives per pair")
+    mined_negatives: int = Field(4, ge=0, description="stage 2: embedder top-k neighbours used as negatives")
+    embedder: str = Field(
+        "baseline", description="similarity model for dedup and mining: baseline, or a checkpoint directory"
+    )
+    phash_distance: int = Field(4, ge=0, le=16, description="images within this perceptual-hash distance are duplicates")
+    title_similarity: float = Field(
+        0.9, gt=0.0, le=1.0, description="titles with at least this MinHash Jaccard similarity are duplicates"
+    )
+    batch_rows: int = Field(200_000, gt=0, description="event rows read per streamed batch")
+
+
 class MoonConfig(Section):
     """A whole run: the name of its run directory, the seed, and one section per stage."""
 
@@ -123,6 +167,7 @@ class MoonConfig(Section):
     world: WorldConfig = Field(default_factory=WorldConfig, description="the simulated catalogue")
     behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="simulated users and sessions")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="real catalogue ingestion")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="post-training pairs and evaluation set")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""

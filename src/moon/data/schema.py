@@ -67,6 +67,65 @@ ITEM_TRUTH = pa.schema(
     ]
 )
 
+# MOON's item views and the nine stage-1 query->item tasks (DESIGN.md section 1).
+ITEM_VIEWS = ("richer-text", "image", "title+image", "richer-text+image")
+TASKS = (
+    "text->richer-text",
+    "text->image",
+    "text->title+image",
+    "text->richer-text+image",
+    "image->image",
+    "image->title+image",
+    "image->richer-text+image",
+    "title+image->title+image",
+    "richer-text+image->richer-text+image",
+)
+SPLITS = ("train", "valid", "test")
+
+# Post-training pairs: a query (text, user photo, or an item in some view) and the item it led to.
+PAIRS = pa.schema(
+    [
+        pa.field("task", pa.string(), nullable=False),  # one of TASKS, "<query view>-><item view>"
+        pa.field("query_view", pa.string(), nullable=False),  # text, image, title+image, richer-text+image
+        pa.field("query_text", pa.string()),  # for a text query
+        pa.field("query_image", pa.binary()),  # for an image query (the user photo)
+        pa.field("query_item_id", pa.string()),  # for an item-as-query pair
+        pa.field("pos_item_id", pa.string(), nullable=False),
+        pa.field("pos_spu_id", pa.string(), nullable=False),  # SKUs of this SPU are positives too
+        pa.field("item_view", pa.string(), nullable=False),  # one of ITEM_VIEWS
+        pa.field("hard_neg_item_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("action", pa.string(), nullable=False),  # click, cart or purchase
+        pa.field("weight", pa.float32(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("session_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # one of SPLITS, by event day
+    ]
+)
+
+# The held-out image-search evaluation set: user photos of the test days and the item bought.
+EVAL_IMAGE_SEARCH = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),  # the search session
+        pa.field("query_image", pa.binary(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),  # the purchased item
+        pa.field("spu_id", pa.string(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+    ]
+)
+
+# Near-duplicate items of the catalogue (same image by perceptual hash, or same title by MinHash).
+NEAR_DUPLICATES = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),  # items of one group count as one product
+        pa.field("by", pa.string(), nullable=False),  # image, title, or image+title
+    ]
+)
+
 # Input rows that could not be used, with the reason; nothing is dropped silently.
 REJECTS = pa.schema(
     [
@@ -95,4 +154,8 @@ TABLES = {
     "users": USERS,
     "item_truth": ITEM_TRUTH,
     "rejects": REJECTS,
+    "pairs_stage1": PAIRS,
+    "pairs_stage2": PAIRS,
+    "eval_image_search": EVAL_IMAGE_SEARCH,
+    "near_duplicates": NEAR_DUPLICATES,
 }
