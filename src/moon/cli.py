@@ -61,14 +61,14 @@ def cli():
 @stage_command
 def simulate(config: MoonConfig, run_dir: Path, catalog: str | None):
     """Simulate an e-commerce world: catalogue, users, search sessions, clicks and purchases."""
-    from moon.data.summary import summarize
+    from moon.data.summary import print_summary
     from moon.data.world.simulate import simulate as run_simulation
 
     if catalog:
         config = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"catalog": catalog})})
     counts = run_simulation(config, run_dir)
     ui.log(f"simulated {counts['items']:,} items and {counts['events']:,} events in {counts['seconds']:.1f}s")
-    ui.print_table(f"simulated world in {run_dir}", summarize(run_dir))
+    print_summary(run_dir)
 
 
 @cli.command()
@@ -84,16 +84,25 @@ def ingest(config: MoonConfig, run_dir: Path, source: str, fmt: str | None):
 
 
 @cli.command()
+@stage_command
+def pairs(config: MoonConfig, run_dir: Path):
+    """Build stage-1 and stage-2 post-training pairs and the image-search evaluation set from the log."""
+    from moon.data.pairs import build_pairs, print_report
+
+    build_pairs(config, run_dir)
+    print_report(run_dir)
+
+
+@cli.command()
 @click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current")
 @stage_command
 def demo(config: MoonConfig, run_dir: Path, fresh: bool):
     """Run the whole pipeline on the embedded simulated world and print what it made."""
     from moon import pipeline
-    from moon.data.summary import summarize
 
     started = time.perf_counter()
     pipeline.run(pipeline.DEMO, config, run_dir, fresh=fresh)
-    ui.print_table(f"MOON demo: {run_dir}", summarize(run_dir))
+    pipeline.report(pipeline.DEMO, run_dir)
     ui.log(f"demo finished in {time.perf_counter() - started:.1f}s; tables are in {run_dir}/")
 
 

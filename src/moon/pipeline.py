@@ -14,6 +14,8 @@ from pathlib import Path
 from moon import ui
 from moon.config import MoonConfig
 from moon.data.tables import has_table, read_manifest
+from moon.data import pairs
+from moon.data.summary import print_summary
 from moon.data.world.simulate import SECTIONS as SIMULATE_SECTIONS
 from moon.data.world.simulate import simulate
 
@@ -24,6 +26,7 @@ class Stage:
     run: Callable[[MoonConfig, Path], object]
     sections: tuple[str, ...]  # config sections the outputs depend on
     outputs: tuple[str, ...]  # tables the stage writes
+    report: Callable[[Path], None] | None = None  # prints what the stage made, after the demo
 
     def is_current(self, config: MoonConfig, run_dir: Path) -> bool:
         digest = config.digest(*self.sections)
@@ -34,7 +37,8 @@ class Stage:
 
 
 DEMO: list[Stage] = [
-    Stage("simulate", simulate, SIMULATE_SECTIONS, ("items", "item_truth", "users", "events")),
+    Stage("simulate", simulate, SIMULATE_SECTIONS, ("items", "item_truth", "users", "events"), print_summary),
+    Stage("pairs", pairs.build_pairs, SIMULATE_SECTIONS + pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report),
 ]
 
 
@@ -45,3 +49,9 @@ def run(stages: list[Stage], config: MoonConfig, run_dir: Path, fresh: bool = Fa
             continue
         ui.log(f"[bold cyan]{stage.name}[/bold cyan] -> {run_dir}")
         stage.run(config, run_dir)
+
+
+def report(stages: list[Stage], run_dir: Path) -> None:
+    for stage in stages:
+        if stage.report is not None:
+            stage.report(run_dir)

@@ -85,7 +85,8 @@ def print_table(title: str, rows: list[tuple], columns: tuple[str, ...] = ("", "
     """Prints a result table to stdout (shown under --quiet too: it is the command's output)."""
     table = Table(title=title, title_justify="left")
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        numeric = all(isinstance(row[i], (int, float)) for row in rows)
+        table.add_column(name, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
     out.print(table)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from moon import ui
 from moon.data.schema import ACTIONS
 from moon.data.tables import has_table, read_manifest, read_table
 
@@ -40,6 +41,10 @@ def summarize(run_dir: Path) -> list[tuple[str, object]]:
         ("image queries (user photos)", image_queries),
     ]
     return rows
+
+
+def print_summary(run_dir: Path) -> None:
+    ui.print_table(f"data in {run_dir}", summarize(run_dir))
 
 
 def leaf_categories(category: pa.ChunkedArray) -> pa.Array:

@@ -56,6 +56,9 @@ class TableWriter:
 
     def commit(self, **manifest) -> Path:
         """Writes the manifest and swaps the finished table into place."""
+        if self.shards == 0:  # an empty table still carries its schema
+            pq.write_table(self.schema.empty_table(), self.tmp / "part-00000.parquet", compression=self.compression)
+            self.shards = 1
         info = {"table": self.final.name, "rows": self.rows, "shards": self.shards, "created_at": utc_now()}
         info.update(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, default=str) + "\n")
