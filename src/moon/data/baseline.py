@@ -44,7 +44,8 @@ catalogue background or the scene behind it. Four blocks, each a weighted histog
 The gradient blocks leave out the outermost described pixels (no full neighbourhood).
 Each block is divided by its sum and square-rooted (the Hellinger map: the dot product of
 two blocks is their Bhattacharyya coefficient), which gives it unit L2 norm, so the four
-count equally; their concatenation is divided by 2 to unit norm.
+count equally; their concatenation is L2-normalised (a factor 1/2 unless an image is so
+flat that it has no gradient at all).
 
 **Views.** `item_text` gives the text an item shows in a view: for "richer-text" its
 title, category path (root to leaf) and attribute values; for "title+image" its title;
@@ -173,10 +174,10 @@ class BaselineEmbedder:
         tfidf = _tfidf()
         counts = tfidf.fit_transform(texts)
         # The SVD cannot have more components than the corpus has texts or n-grams.
-        components = max(1, min(text_dims, counts.shape[0] - 1, counts.shape[1] - 1))
+        components = max(1, min(text_dims, counts.shape[0], counts.shape[1] - 1))
         svd = TruncatedSVD(components, algorithm="randomized", n_iter=7, random_state=seed).fit(counts)
         projection = np.zeros((counts.shape[1], text_dims), dtype=np.float32)
-        projection[:, :components] = svd.components_.T
+        projection[:, : len(svd.components_)] = svd.components_.T
         return cls(tfidf, projection, seed, len(texts))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -353,9 +354,7 @@ def _describe(pixels: np.ndarray) -> np.ndarray:
         _histogram(orientation * (ORIENTATION_BINS / np.pi), ORIENTATION_BINS, inner * magnitude, circular=True),
         np.stack([edge, 1 - edge], axis=1),
     ]
-    return (np.concatenate([_hellinger(block) for block in blocks], axis=1) / np.sqrt(len(blocks))).astype(
-        np.float32
-    )
+    return _l2_normalise(np.concatenate([_hellinger(block) for block in blocks], axis=1).astype(np.float32))
 
 
 def _pixel_weights(pixels: np.ndarray, rgb: np.ndarray) -> np.ndarray:

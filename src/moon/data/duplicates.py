@@ -2,20 +2,26 @@
 
 Two relations, each found without comparing all pairs:
 
-- image: 64-bit perceptual hashes (`imagehash.phash`) within `phash_distance` bits.
-  The hash is cut into distance+1 bands; two hashes that differ in at most `distance`
-  bits agree on at least one whole band (pigeonhole), so only hashes sharing a band
-  value are compared.
+- image: 64-bit perceptual hashes (`imagehash.phash`) within `phash_distance` bits. The
+  hash is cut into distance+1 bands; two hashes that differ in at most `distance` bits
+  agree on at least one whole band (pigeonhole), so only hashes sharing a band value
+  are compared. A phash sees only the coarse grey layout of the picture, and catalogue
+  photos of one product type are shot alike (a shoe in profile on white), so hash
+  neighbours are confirmed on a 16x16 colour thumbnail: the pixels must differ by at
+  most MAX_THUMBNAIL_DIFFERENCE of the ink (difference from the background) the two
+  pictures hold. Without that check, chains of merely similar photos merge a fifth of
+  a real fashion catalogue into one group.
 - title: word sets of the normalised titles, bucketed by MinHash LSH at the Jaccard
   threshold `title_similarity`; candidates are kept when their exact Jaccard similarity
   reaches it.
 
-The connected components of the union of both relations are the groups.
+The groups are the connected components of the union of both relations.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import imagehash
 import numpy as np
@@ -31,8 +37,21 @@ from moon.data.entities import words
 
 HASH_BITS = 64
 PHASH_SIDE = 32  # imagehash.phash scales every image to 32x32 grey pixels
+THUMBNAIL_SIDE = 16
+MAX_THUMBNAIL_DIFFERENCE = 0.03  # share of the pictures' ink that may differ between duplicates
 NUM_PERM = 128
+PAIR_BLOCK = 16_384  # candidate pairs whose thumbnails are compared at once
 _POPCOUNT8 = np.array([bin(v).count("1") for v in range(256)], np.uint8)
+
+
+@dataclass
+class Fingerprints:
+    """What the duplicate relations compare, one entry per item."""
+
+    phash: np.ndarray  # uint64
+    thumbnail: np.ndarray  # uint8 (n, THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3)
+    decoded: np.ndarray  # bool: the image could be decoded (else phash and thumbnail are zeros)
+    title_words: list[frozenset[str]]
 
 
 def near_duplicate_groups(items: pa.Table, phash_distance: int, title_similarity: float, seed: int = 0) -> pa.Table:
@@ -41,51 +60,70 @@ def near_duplicate_groups(items: pa.Table, phash_distance: int, title_similarity
     Only members of groups of two or more are listed. `group_id` is the group's smallest
     item_id; `by` says which relations linked the item: image, title or image+title.
     """
-    hashes, has_hash, title_words = fingerprints(items)
-    image_pairs = image_duplicate_pairs(hashes, has_hash, phash_distance)
-    title_pairs = title_duplicate_pairs(title_words, title_similarity, seed)
+    prints = fingerprints(items)
+    image_pairs = image_duplicate_pairs(prints, phash_distance)
+    title_pairs = title_duplicate_pairs(prints.title_words, title_similarity, seed)
     return group_table(items["item_id"].to_numpy(zero_copy_only=False), image_pairs, title_pairs)
 
 
-def fingerprints(items: pa.Table) -> tuple[np.ndarray, np.ndarray, list[frozenset[str]]]:
-    """Per item: its image's phash as uint64, whether the image could be decoded, its title's word set."""
-    hashes = np.zeros(items.num_rows, np.uint64)
-    has_hash = np.zeros(items.num_rows, bool)
+def fingerprints(items: pa.Table) -> Fingerprints:
+    n = items.num_rows
+    prints = Fingerprints(
+        phash=np.zeros(n, np.uint64),
+        thumbnail=np.zeros((n, THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), np.uint8),
+        decoded=np.zeros(n, bool),
+        title_words=[frozenset(words(title or "")) for title in items["title"].to_pylist()],
+    )
     row = 0
-    with ui.progress("hashing images", items.num_rows) as advance:
+    with ui.progress("hashing images", n) as advance:
         for batch in items.select(["image"]).to_batches(max_chunksize=2048):
             for data in batch.column(0).to_pylist():
-                image_hash = phash(data)
-                if image_hash is not None:
-                    hashes[row], has_hash[row] = image_hash, True
+                image = _decode(data)
+                if image is not None:
+                    prints.phash[row] = _phash(image)
+                    prints.thumbnail[row] = np.asarray(image.resize((THUMBNAIL_SIDE,) * 2, Image.BILINEAR))
+                    prints.decoded[row] = True
                 row += 1
             advance(batch.num_rows)
-    title_words = [frozenset(words(title or "")) for title in items["title"].to_pylist()]
-    return hashes, has_hash, title_words
+    return prints
 
 
-def phash(data: bytes | None) -> int | None:
-    """The 64-bit perceptual hash of an encoded image, or None when it cannot be decoded."""
+def _decode(data: bytes | None) -> Image.Image | None:
+    """The picture as a small RGB image, or None when it cannot be decoded."""
     if not data:
         return None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            # A JPEG decodes straight to grey at the smallest scale that still covers the
-            # hash's 32x32 grid: much less work than a full colour decode of a large photo.
-            image.draft("L", (PHASH_SIDE, PHASH_SIDE))
-            bits = imagehash.phash(image).hash.ravel()
+            # A JPEG decodes at the smallest scale that still covers the hash's 32x32
+            # grid: much less work than a full decode of a large photo.
+            image.draft("RGB", (PHASH_SIDE, PHASH_SIDE))
+            return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def _phash(image: Image.Image) -> int:
+    bits = imagehash.phash(image).hash.ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def image_duplicate_pairs(hashes: np.ndarray, has_hash: np.ndarray, distance: int) -> np.ndarray:
-    """(k, 2) item index pairs whose hashes differ in at most `distance` bits."""
-    rows = np.flatnonzero(has_hash)
-    unique, first, codes = np.unique(hashes[rows], return_index=True, return_inverse=True)
-    close = np.concatenate([_band_pairs(unique, band, distance) for band in _bands(distance)])
-    # Identical hashes are linked directly; the first item of each distinct hash stands for it.
-    return np.concatenate([_same_code_pairs(codes, rows), rows[first][np.unique(close, axis=0)]])
+def image_duplicate_pairs(prints: Fingerprints, distance: int) -> np.ndarray:
+    """(k, 2) item index pairs: phash within `distance` bits and thumbnails alike."""
+    rows = np.flatnonzero(prints.decoded)
+    # Items with the same hash and thumbnail are linked outright; one of them stands for
+    # all in the search, so a picture repeated many times costs one comparison.
+    keys = np.concatenate(
+        [prints.phash[rows, None].view(np.uint8), prints.thumbnail[rows].reshape(len(rows), -1)], axis=1
+    )
+    keys = keys.view(np.dtype((np.void, keys.shape[1]))).ravel()  # one opaque value per row: fast to sort
+    _, first, codes = np.unique(keys, return_index=True, return_inverse=True)
+    leaders = rows[first]
+    hashes = prints.phash[leaders]
+    near = np.concatenate([_band_pairs(hashes, band, distance) for band in _bands(distance)])
+    near_codes = np.unique(near[:, 0] * len(hashes) + near[:, 1])  # a pair found in several bands once
+    candidates = np.stack(np.divmod(near_codes, len(hashes)), axis=1)
+    alike = _thumbnails_alike(prints.thumbnail, leaders[candidates])
+    return np.concatenate([_same_code_pairs(codes, rows), leaders[candidates[alike]]])
 
 
 def _bands(distance: int) -> list[tuple[int, int]]:
@@ -95,13 +133,13 @@ def _bands(distance: int) -> list[tuple[int, int]]:
     return [(int(lo), int(hi - lo)) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def _band_pairs(unique: np.ndarray, band: tuple[int, int], distance: int) -> np.ndarray:
-    """Pairs of distinct hashes that share this band's value and are within `distance` bits."""
+def _band_pairs(hashes: np.ndarray, band: tuple[int, int], distance: int) -> np.ndarray:
+    """(k, 2) index pairs (smaller first) of hashes equal in this band and within `distance` bits."""
     shift, width = band
-    keys = (unique >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+    keys = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
-    found = []
+    found = [np.zeros((0, 2), np.int64)]
     # Equal keys are contiguous after sorting: pairing each hash with the one `offset`
     # places later covers every pair of a bucket once `offset` reaches the bucket's size.
     for offset in range(1, len(keys)):
@@ -109,14 +147,38 @@ def _band_pairs(unique: np.ndarray, band: tuple[int, int], distance: int) -> np.
         if not same.any():
             break
         a, b = order[:-offset][same], order[offset:][same]
-        near = _popcount(unique[a] ^ unique[b]) <= distance
+        near = _popcount(hashes[a] ^ hashes[b]) <= distance
         found.append(np.stack([a[near], b[near]], axis=1))
-    return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+    return np.sort(np.concatenate(found), axis=1)
 
 
 def _popcount(values: np.ndarray) -> np.ndarray:
     """Set bits of each uint64."""
     return _POPCOUNT8[values.view(np.uint8)].reshape(-1, 8).sum(axis=1, dtype=np.int64)
+
+
+def _thumbnails_alike(thumbnails: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Per pair: do the thumbnails differ by at most MAX_THUMBNAIL_DIFFERENCE of their ink?
+
+    Ink is the distance of each pixel from the picture's background (the median of its
+    border), so a small product on a large white background is judged on the product.
+    """
+    alike = np.zeros(len(pairs), bool)
+    for start in range(0, len(pairs), PAIR_BLOCK):
+        block = pairs[start : start + PAIR_BLOCK]
+        a = thumbnails[block[:, 0]].astype(np.float32)
+        b = thumbnails[block[:, 1]].astype(np.float32)
+        difference = np.abs(a - b).sum(axis=(1, 2, 3))
+        alike[start : start + len(block)] = difference <= MAX_THUMBNAIL_DIFFERENCE * (_ink(a) + _ink(b))
+    return alike
+
+
+def _ink(thumbnails: np.ndarray) -> np.ndarray:
+    border = np.concatenate(
+        [thumbnails[:, 0], thumbnails[:, -1], thumbnails[:, :, 0], thumbnails[:, :, -1]], axis=1
+    )
+    background = np.median(border, axis=1)
+    return np.abs(thumbnails - background[:, None, None, :]).sum(axis=(1, 2, 3))
 
 
 def _same_code_pairs(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -132,7 +194,7 @@ def title_duplicate_pairs(title_words: list[frozenset[str]], similarity: float, 
     distinct: dict[frozenset[str], int] = {}
     codes = np.array([distinct.setdefault(ws, len(distinct)) if ws else -1 for ws in title_words], np.int64)
     rows = np.flatnonzero(codes >= 0)
-    _, first = np.unique(codes[rows], return_index=True)  # codes count up, so position = code
+    _, first = np.unique(codes[rows], return_index=True)  # codes count up from 0: position = code
     close = _similar_sets(list(distinct), similarity, seed)
     return np.concatenate([_same_code_pairs(codes[rows], rows), rows[first][close]])
 
@@ -153,7 +215,7 @@ def _similar_sets(sets: list[frozenset[str]], similarity: float, seed: int) -> n
 
 
 def group_table(item_ids: np.ndarray, image_pairs: np.ndarray, title_pairs: np.ndarray) -> pa.Table:
-    """Connected components of both relations, as rows of NEAR_DUPLICATES for groups of two or more."""
+    """Connected components of both relations, as NEAR_DUPLICATES rows for groups of two or more."""
     n = len(item_ids)
     if n == 0:
         return schema.NEAR_DUPLICATES.empty_table()
@@ -161,8 +223,8 @@ def group_table(item_ids: np.ndarray, image_pairs: np.ndarray, title_pairs: np.n
     graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     ids = item_ids.astype(str)
-    rank = np.empty(n, np.int64)  # position of each item_id in sorted order
     row_of_rank = np.argsort(ids, kind="stable")
+    rank = np.empty(n, np.int64)  # position of each item_id in sorted order
     rank[row_of_rank] = np.arange(n)
     leader_rank = np.full(labels.max() + 1, n, np.int64)
     np.minimum.at(leader_rank, labels, rank)  # the smallest item_id of each group

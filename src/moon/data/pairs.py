@@ -69,6 +69,7 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
 
     stage1 = stage1_pairs(log, settings, rng, accounting, run_dir)
     _write(run_dir, "pairs_stage1", stage1, common, **_split_counts(stage1, accounting, "stage 1"))
+    del stage1  # photos make it large
     clock.lap("stage 1")
 
     duplicates = near_duplicate_groups(items, settings.phash_distance, settings.title_similarity, config.seed)
@@ -110,8 +111,8 @@ def _check_mix(settings: PairsConfig) -> None:
 
 def _write(run_dir: Path, name: str, table: pa.Table, common: dict, **manifest) -> None:
     with TableWriter(run_dir, name, schema.TABLES[name]) as writer:
-        for batch in table.to_batches(max_chunksize=65_536):
-            writer.write(batch)
+        for start in range(0, table.num_rows, 65_536):
+            writer.write(table.slice(start, 65_536))
         writer.commit(**common, **manifest)
 
 
@@ -291,9 +292,11 @@ def stage1_pairs(log: BehaviourLog, settings: PairsConfig, rng, accounting: Acco
     image_tasks = [task for task in sampled if task.startswith("image->")]
     sessions = pc.unique(pa.chunked_array([sampled[t]["session_id"] for t in image_tasks], pa.string()))
     photos = session_photos(run_dir, sessions, settings)
-    for task in image_tasks:
-        sampled[task] = with_photos(sampled[task], photos)
-    return pa.concat_tables(_as_pairs(table, task, settings) for task, table in sampled.items())
+    pairs = []
+    for task in list(sampled):  # one task at a time, so only one joined copy of the photos is alive
+        table = sampled.pop(task)
+        pairs.append(_as_pairs(with_photos(table, photos) if task in image_tasks else table, task, settings))
+    return pa.concat_tables(pairs)
 
 
 def with_photos(table: pa.Table, photos: pa.Table) -> pa.Table:
