@@ -63,7 +63,7 @@ def scan_events_per_s(run_dir: Path) -> float:
 
     started = time.perf_counter()
     rows = 0
-    for batch in dataset(run_dir, "events").to_batches(columns=INTERACTION_COLUMNS + ["query_image"], batch_size=200_000):
+    for batch in dataset(run_dir, "events").to_batches(columns=INTERACTION_COLUMNS, batch_size=200_000):
         rows += batch.num_rows
         pc.equal(batch["action"], "impression")
     return rows / (time.perf_counter() - started)

@@ -19,7 +19,7 @@ def moon(*args, cwd=None):
 def test_help_lists_the_stages():
     result = moon("--help")
     assert result.returncode == 0
-    for stage in ("simulate", "ingest", "demo", "config"):
+    for stage in ("simulate", "ingest", "pairs", "demo", "config"):
         assert stage in result.stdout
 
 
@@ -28,9 +28,12 @@ def test_demo_on_a_tiny_world(tmp_path):
     assert result.returncode == 0, result.stderr
     for line in ("items", "SPUs", "leaf categories", "users", "events: click", "CTR", "share of new items", "image queries"):
         assert line in result.stdout
+    for step in ("text->richer-text", "similarity dedup", "NER filter", "hard negatives", "photo query"):
+        assert step in result.stdout  # the pair accounting
     assert result.stderr == ""  # --quiet: no progress, no logs
     run_dir = tmp_path / "runs" / "demo"
     assert read_table(run_dir, "items").num_rows == 240
+    assert read_table(run_dir, "pairs_stage2").num_rows > 0
     again = moon("demo", *TINY_WORLD, cwd=tmp_path)  # outputs are current: the stage is skipped
     assert again.returncode == 0 and "skipped" in again.stderr
 

@@ -191,10 +191,13 @@ def _variants(phrase: str, inflect: bool) -> set[tuple[str, ...]]:
     if joined:
         found.add(joined)
     if inflect:
-        for base in list(found):
-            singular = _singular(base[-1])
-            found.update({(*base[:-1], singular), (*base[:-1], _plural(singular))})
+        found |= {(*base[:-1], form) for base in found for form in _inflections(base[-1])}
     return found
+
+
+def _inflections(word: str) -> tuple[str, str]:
+    singular = _singular(word)
+    return singular, _plural(singular)
 
 
 def _singular(word: str) -> str:
@@ -202,7 +205,7 @@ def _singular(word: str) -> str:
         return word[:-3] + "y"
     if word.endswith(("ches", "shes", "sses", "xes", "zes")):
         return word[:-2]
-    if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 3:
+    if word.endswith("s") and not word.endswith(("ss", "us")) and len(word) > 3:
         return word[:-1]
     return word
 

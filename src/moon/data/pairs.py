@@ -52,6 +52,7 @@ ACTION_RANK = {"click": 1, "cart": 2, "purchase": 3}
 ITEM_QUERY_VIEWS = ("title+image", "richer-text+image")  # views an item-as-query pair may take
 STAGE2_VIEW = "richer-text+image"
 MS_PER_DAY = 86_400_000
+READAHEAD = {"batch_readahead": 2, "fragment_readahead": 1}  # bounds memory: photo batches are large
 
 
 def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
@@ -174,20 +175,23 @@ INTERACTION_COLUMNS = ["ts", "user_id", "session_id", "region", "query_text", "i
 
 
 def read_interactions(run_dir: Path, settings: PairsConfig, catalogue: Catalogue, accounting: Accounting) -> BehaviourLog:
-    """Streams the events (without the photo bytes) and keeps one interaction per (session, item)."""
+    """Streams the events (without the photo bytes) and keeps one interaction per (session, item).
+
+    A session searched with a photo exactly when its query text is null (the events contract),
+    so the photo column is not read here.
+    """
     manifest = read_manifest(run_dir, "events")
     events = dataset(run_dir, "events")
     impressions = np.zeros(len(catalogue.item_ids), dtype=np.int64)
     kept: list[pa.Table] = []
     total = events.count_rows()
     with ui.progress("read behaviour log", total, unit="events") as advance:
-        for batch in events.to_batches(columns=INTERACTION_COLUMNS + ["query_image"], batch_size=settings.batch_rows):
+        for batch in events.to_batches(columns=INTERACTION_COLUMNS, batch_size=settings.batch_rows, **READAHEAD):
             table = pa.Table.from_batches([batch])
             shown = pc.equal(table["action"], "impression")
             impressions += np.bincount(catalogue.codes(table.filter(shown)["item_id"]), minlength=len(impressions))
             acted = table.filter(pc.invert(shown))
-            is_image = pc.is_valid(acted["query_image"])
-            kept.append(acted.drop_columns(["query_image"]).append_column("image_query", is_image))
+            kept.append(acted.append_column("image_query", pc.is_null(acted["query_text"])))
             advance(batch.num_rows)
     rows = pa.concat_tables(kept) if kept else pa.table({c: [] for c in INTERACTION_COLUMNS})
     interactions = strongest_per_session_item(rows)
@@ -340,7 +344,8 @@ def session_photos(run_dir: Path, sessions: pa.Array, settings: PairsConfig) -> 
     parts = []
     events = dataset(run_dir, "events")
     wanted = pc.field("session_id").isin(sessions) & pc.field("query_image").is_valid()
-    for batch in events.to_batches(columns=["session_id", "query_image"], filter=wanted, batch_size=settings.batch_rows):
+    batches = events.to_batches(columns=["session_id", "query_image"], filter=wanted, batch_size=settings.batch_rows, **READAHEAD)
+    for batch in batches:
         table = pa.Table.from_batches([batch])
         parts.append(table.group_by("session_id", use_threads=False).aggregate([("query_image", "first")]))
     if not parts:
