@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,17 +70,17 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
     rng = np.random.default_rng([config.seed, 11])
     common = {"stage": "pairs", "config_digest": config.digest(*SECTIONS), "seed": config.seed}
 
-    stage1 = stage1_pairs(log, settings, rng, accounting, run_dir)
-    _write(run_dir, "pairs_stage1", stage1, common, **_split_counts(stage1, accounting, "stage 1"))
-    del stage1  # photos make it large
+    _write_pairs(run_dir, "pairs_stage1", stage1_pairs(log, settings, rng, accounting, run_dir), common, accounting)
     clock.lap("stage 1")
 
     duplicates = near_duplicate_groups(items, settings.phash_distance, settings.title_similarity, config.seed)
-    _write(run_dir, "near_duplicates", duplicates, common, groups=pc.count_distinct(duplicates["group_id"]).as_py())
+    groups = {"items": duplicates.num_rows, "groups": pc.count_distinct(duplicates["group_id"]).as_py()}
+    accounting.totals["near duplicates"] = groups
+    _write(run_dir, "near_duplicates", duplicates, common, **groups)
     clock.lap("near duplicates")
     embedder = load_embedder(settings, items, log.interactions)
     stage2 = stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir, items)
-    _write(run_dir, "pairs_stage2", stage2, common, **_split_counts(stage2, accounting, "stage 2"))
+    _write_pairs(run_dir, "pairs_stage2", [stage2], common, accounting)
     clock.lap("stage 2")
 
     evaluation = image_search_eval_set(log, catalogue, run_dir, settings, accounting)
@@ -117,19 +119,28 @@ def _write(run_dir: Path, name: str, table: pa.Table, common: dict, **manifest) 
         writer.commit(**common, **manifest)
 
 
-def _split_counts(pairs: pa.Table, accounting: Accounting, stage: str) -> dict:
-    splits = dict(zip(*np.unique(pairs["split"].to_numpy(zero_copy_only=False), return_counts=True)))
-    counts = {split: int(splits.get(split, 0)) for split in schema.SPLITS}
-    tasks = dict(zip(*np.unique(pairs["task"].to_numpy(zero_copy_only=False), return_counts=True)))
-    accounting.totals[stage] = {**counts, **{f"task {t}": int(n) for t, n in tasks.items()}}
-    return {"splits": counts, "tasks": {t: int(n) for t, n in tasks.items()}}
+def _write_pairs(run_dir: Path, name: str, parts: Iterable[pa.Table], common: dict, accounting: Accounting) -> None:
+    """Writes pair tables as they come (one task at a time for stage 1), counting rows per split and task."""
+    splits: Counter = Counter()
+    tasks: Counter = Counter()
+    with TableWriter(run_dir, name, schema.PAIRS) as writer:
+        for part in parts:
+            splits.update(part["split"].to_pylist())
+            tasks.update(part["task"].to_pylist())
+            for start in range(0, part.num_rows, 65_536):
+                writer.write(part.slice(start, 65_536))
+        counts = {"splits": {split: splits[split] for split in schema.SPLITS}, "tasks": dict(tasks)}
+        writer.commit(**common, **counts)
+    accounting.totals[name] = {**counts["splits"], **{f"task {t}": n for t, n in tasks.items()}}
 
 
 def print_report(run_dir: Path) -> None:
     """The accounting table of the last `moon pairs` in run_dir."""
-    steps = json.loads((Path(run_dir) / STATS_FILE).read_text())["steps"]
-    rows = [Accounting.row(Step(**step)) for step in steps]
+    stats = json.loads((Path(run_dir) / STATS_FILE).read_text())
+    rows = [Accounting.row(Step(**step)) for step in stats["steps"]]
     ui.print_table(f"post-training pairs in {run_dir}", rows, ("stage", "step", "in", "kept", "dropped: reason"))
+    duplicates = stats["totals"].get("near duplicates", {})
+    ui.out.print(f"near-duplicate groups in the catalogue: {duplicates.get('groups', 0):,} ({duplicates.get('items', 0):,} items)")
 
 
 # ---------------------------------------------------------------- the catalogue and the log
@@ -282,7 +293,8 @@ def mix_quotas(available: dict[str, int], mix: dict[str, float]) -> dict[str, in
     return {task: min(available.get(task, 0), int(round(mix.get(task, 0) * scale))) for task in schema.TASKS}
 
 
-def stage1_pairs(log: BehaviourLog, settings: PairsConfig, rng, accounting: Accounting, run_dir: Path) -> pa.Table:
+def stage1_pairs(log: BehaviourLog, settings: PairsConfig, rng, accounting: Accounting, run_dir: Path) -> Iterator[pa.Table]:
+    """The pairs of each task in turn, so that only one task's photos are in memory at a time."""
     candidates = stage1_candidates(log)
     quotas = mix_quotas({task: table.num_rows for task, table in candidates.items()}, settings.mix)
     sampled = {}
@@ -296,11 +308,9 @@ def stage1_pairs(log: BehaviourLog, settings: PairsConfig, rng, accounting: Acco
     image_tasks = [task for task in sampled if task.startswith("image->")]
     sessions = pc.unique(pa.chunked_array([sampled[t]["session_id"] for t in image_tasks], pa.string()))
     photos = session_photos(run_dir, sessions, settings)
-    pairs = []
-    for task in list(sampled):  # one task at a time, so only one joined copy of the photos is alive
+    for task in list(sampled):
         table = sampled.pop(task)
-        pairs.append(_as_pairs(with_photos(table, photos) if task in image_tasks else table, task, settings))
-    return pa.concat_tables(pairs)
+        yield _as_pairs(with_photos(table, photos) if task in image_tasks else table, task, settings)
 
 
 def with_photos(table: pa.Table, photos: pa.Table) -> pa.Table:
