@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pyarrow.compute as pc
-from conftest import TINY_WORLD, shared_data
 from PIL import Image
 
+from conftest import TINY_WORLD, shared_data
 from moon.data.tables import read_manifest, read_table
 
 

@@ -92,3 +92,8 @@ def test_override_fills_a_section_the_file_left_null(tmp_path):
     path = tmp_path / "mapped.yaml"
     path.write_text("ingest:\n  columns: null\n")
     assert load_config(path, ["ingest.columns.item_id=sku"]).ingest.columns.item_id == "sku"
+
+
+def test_overriding_one_task_share_keeps_the_others():
+    mix = load_config(None, ["pairs.mix.text->image=0.9"]).pairs.mix
+    assert mix["text->image"] == 0.9 and mix["text->richer-text+image"] == 0.5 and len(mix) == 9

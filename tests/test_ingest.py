@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_data
 from PIL import Image
 
+from conftest import shared_data
 from moon import ui
 from moon.config import load_config
 from moon.data import ingest as ingest_module

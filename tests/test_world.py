@@ -2,9 +2,9 @@ import io
 
 import numpy as np
 import pyarrow.compute as pc
-from conftest import TINY_WORLD
 from PIL import Image
 
+from conftest import TINY_WORLD
 from moon.config import load_config
 from moon.data import schema
 from moon.data.tables import read_manifest, read_table

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moon.errors import UserError
 
@@ -157,6 +157,17 @@ class PairsConfig(Section):
         0.9, gt=0.0, le=1.0, description="titles with at least this MinHash Jaccard similarity are duplicates"
     )
     batch_rows: int = Field(200_000, gt=0, description="event rows read per streamed batch")
+
+    @field_validator("mix")
+    @classmethod
+    def _known_tasks(cls, mix: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(mix) - set(PUBLISHED_MIX))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the tasks are {', '.join(PUBLISHED_MIX)}")
+        mix = {**PUBLISHED_MIX, **mix}  # a task left out keeps its published share
+        if any(share < 0 for share in mix.values()) or not any(share > 0 for share in mix.values()):
+            raise ValueError("shares must be >= 0 and at least one task needs a positive share")
+        return mix
 
 
 class MoonConfig(Section):

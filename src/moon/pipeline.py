@@ -13,9 +13,9 @@ from pathlib import Path
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.data.tables import has_table, read_manifest
 from moon.data import pairs
 from moon.data.summary import print_summary
+from moon.data.tables import has_table, read_manifest
 from moon.data.world.simulate import SECTIONS as SIMULATE_SECTIONS
 from moon.data.world.simulate import simulate
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -20,8 +19,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-T = TypeVar("T")
-
 console = Console(stderr=True)  # progress and logs go to stderr; results (tables, config) to stdout
 out = Console()
 _quiet = False
@@ -30,10 +27,6 @@ _quiet = False
 def set_quiet(quiet: bool) -> None:
     global _quiet
     _quiet = quiet
-
-
-def is_quiet() -> bool:
-    return _quiet
 
 
 class _Rate(ProgressColumn):
@@ -66,14 +59,6 @@ def progress(description: str, total: int | None, unit: str = "items") -> Iterat
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
-
-
-def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "items") -> Iterator[T]:
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-    with progress(description, total, unit) as advance:
-        for item in items:
-            yield item
-            advance(1)
 
 
 def log(message: str) -> None:

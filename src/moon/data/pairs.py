@@ -60,7 +60,6 @@ READAHEAD = {"batch_readahead": 2, "fragment_readahead": 1}  # bounds memory: ph
 def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
     """Reads `items` and `events` from run_dir and writes the pair tables and their accounting."""
     settings = config.pairs
-    _check_mix(settings)
     accounting = Accounting()
     clock = Clock()
     items = read_table(run_dir, "items")
@@ -102,14 +101,6 @@ class Clock:
         now = time.perf_counter()
         self.laps[name] = round(now - self.last, 3)
         self.last = now
-
-
-def _check_mix(settings: PairsConfig) -> None:
-    unknown = sorted(set(settings.mix) - set(schema.TASKS))
-    if unknown:
-        raise UserError(f"pairs.mix names unknown tasks {unknown}: the tasks are {', '.join(schema.TASKS)}")
-    if not any(share > 0 for share in settings.mix.values()):
-        raise UserError("pairs.mix gives every task a zero share: give at least one task a positive share")
 
 
 def _write(run_dir: Path, name: str, table: pa.Table, common: dict, **manifest) -> None:

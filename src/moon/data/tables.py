@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -103,12 +102,6 @@ def dataset(run_dir: Path, name: str) -> ds.Dataset:
 
 def read_table(run_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:
     return dataset(run_dir, name).to_table(columns=columns)
-
-
-def iter_batches(
-    run_dir: Path, name: str, columns: list[str] | None = None, batch_size: int = 8192
-) -> Iterator[pa.RecordBatch]:
-    yield from dataset(run_dir, name).to_batches(columns=columns, batch_size=batch_size)
 
 
 def read_manifest(run_dir: Path, name: str) -> dict:
