@@ -38,7 +38,7 @@ class Stage:
 
 DEMO: list[Stage] = [
     Stage("simulate", simulate, SIMULATE_SECTIONS, ("items", "item_truth", "users", "events"), print_summary),
-    Stage("pairs", pairs.build_pairs, SIMULATE_SECTIONS + pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report),
+    Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report),
 ]
 
 

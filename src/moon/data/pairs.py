@@ -47,7 +47,7 @@ from moon.data.summary import leaf_categories
 from moon.data.tables import TableWriter, dataset, read_manifest, read_table
 from moon.errors import UserError
 
-SECTIONS = ("pairs",)  # with the simulate sections: the log it reads
+SECTIONS = ("world", "behaviour", "ingest", "pairs")  # the pairs, and what made the log they read
 OUTPUTS = ("pairs_stage1", "pairs_stage2", "eval_image_search", "near_duplicates")
 STATS_FILE = "pairs_stats.json"
 ACTION_RANK = {"click": 1, "cart": 2, "purchase": 3}
