@@ -341,18 +341,26 @@ def _as_pairs(table: pa.Table, task: str, settings: PairsConfig) -> pa.Table:
 
 
 def session_photos(run_dir: Path, sessions: pa.Array, settings: PairsConfig) -> pa.Table:
-    """(session_id, photo) for the given sessions, read from the events in streamed batches."""
-    parts = []
+    """(session_id, photo) for the given sessions, read from the events in streamed batches.
+
+    Each photo is copied once, from the first row of its session; the parts are then
+    concatenated without copying, so memory holds the wanted photos and one batch.
+    """
+    photo_schema = pa.schema([("session_id", pa.string()), ("photo", pa.binary())])
+    parts = [photo_schema.empty_table()]
+    seen: set[str] = set()
     events = dataset(run_dir, "events")
     wanted = pc.field("session_id").isin(sessions) & pc.field("query_image").is_valid()
     batches = events.to_batches(columns=["session_id", "query_image"], filter=wanted, batch_size=settings.batch_rows, **READAHEAD)
     for batch in batches:
-        table = pa.Table.from_batches([batch])
-        parts.append(table.group_by("session_id", use_threads=False).aggregate([("query_image", "first")]))
-    if not parts:
-        return pa.table({"session_id": pa.array([], pa.string()), "photo": pa.array([], pa.binary())})
-    photos = pa.concat_tables(parts).group_by("session_id", use_threads=False).aggregate([("query_image_first", "first")])
-    return photos.rename_columns(["session_id", "photo"])
+        first_rows = []
+        for row, session in enumerate(batch.column("session_id").to_pylist()):
+            if session not in seen:
+                seen.add(session)
+                first_rows.append(row)
+        rows = pa.array(first_rows, pa.int64())
+        parts.append(pa.Table.from_batches([batch]).take(rows).rename_columns(photo_schema.names).cast(photo_schema))
+    return pa.concat_tables(parts)
 
 
 # ---------------------------------------------------------------- stage 2
