@@ -170,6 +170,28 @@ class PairsConfig(Section):
         return mix
 
 
+class ModelConfig(Section):
+    """The multimodal LLM backbone (Qwen2-VL family) and the embedding it yields."""
+
+    checkpoint: str | None = Field(
+        None, description="local Qwen2-VL / Qwen2.5-VL checkpoint directory; null builds the sizes below"
+    )
+    hidden_size: int = Field(128, gt=0, description="LLM hidden size (also the full embedding dimension)")
+    layers: int = Field(2, gt=0, description="LLM transformer layers")
+    heads: int = Field(4, gt=0, description="LLM attention heads")
+    kv_heads: int = Field(2, gt=0, description="LLM key/value heads (grouped-query attention)")
+    vision_depth: int = Field(2, gt=0, description="vision encoder blocks")
+    vision_dim: int = Field(64, gt=0, description="vision encoder width")
+    vision_heads: int = Field(4, gt=0, description="vision encoder attention heads")
+    image_size: int = Field(64, gt=0, description="images are resized to this square side before patching")
+    patch_size: int = Field(8, gt=0, description="vision patch side in pixels")
+    vocab_size: int = Field(4096, ge=64, description="size of the tokenizer trained on the catalogue when none is given")
+    max_text_tokens: int = Field(48, gt=0, description="text tokens kept per input")
+    matryoshka_dims: list[int] = Field([32, 64, 128], description="embedding prefixes trained and served")
+    bidirectional: bool = Field(True, description="embed with bidirectional attention (MOON); false: causal")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+
+
 class MoonConfig(Section):
     """A whole run: the name of its run directory, the seed, and one section per stage."""
 
@@ -179,6 +201,7 @@ class MoonConfig(Section):
     behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="simulated users and sessions")
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="real catalogue ingestion")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="post-training pairs and evaluation set")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="backbone and embedding")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""

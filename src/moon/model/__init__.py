@@ -1,0 +1,1 @@
+"""The MOON backbone (a Qwen2-VL multimodal LLM) and the `Embedder` built on it."""

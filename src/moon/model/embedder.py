@@ -1,0 +1,103 @@
+"""The MOON embedder: the backbone's output tokens, mask-aware mean pooled and L2-normalised.
+
+With bidirectional attention every token sees every other, and the representation of
+an input is the mean of all its output tokens (padding excluded). Matryoshka dimensions
+are prefixes of the full vector, re-normalised, so one stored vector serves every dim.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moon import ui
+from moon.config import ModelConfig
+from moon.errors import UserError
+from moon.model.backbone import build_backbone, grid_side
+from moon.model.inputs import Collator, Input
+from moon.model.tokenizer import load_tokenizer, train_tokenizer
+
+SETTINGS_FILE = "moon_model.json"
+
+
+class Embedder(torch.nn.Module):
+    def __init__(self, backbone, tokenizer, settings: ModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings
+        vision = backbone.config.vision_config
+        grid_side(settings.model_copy(update={"patch_size": vision.patch_size}))  # image size fits the patches
+        self.collate = Collator(tokenizer, vision, settings.image_size, settings.max_text_tokens)
+        self.dim = backbone.config.text_config.hidden_size
+        unusable = [d for d in settings.matryoshka_dims if not 0 < d <= self.dim]
+        if unusable:
+            raise UserError(f"model.matryoshka_dims {unusable} must lie in 1..{self.dim} (the hidden size)")
+
+    @classmethod
+    def create(cls, settings: ModelConfig, corpus: Iterable[str] = (), seed: int = 0) -> Embedder:
+        """A new embedder: the checkpoint's tokenizer and weights, or a tokenizer trained on `corpus`
+        and a randomly initialised backbone of the configured sizes."""
+        if settings.checkpoint:
+            tokenizer = load_tokenizer(settings.checkpoint)
+        else:
+            tokenizer = train_tokenizer(corpus, settings.vocab_size)
+        return cls(build_backbone(settings, tokenizer, seed), tokenizer, settings)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Full-dimension embeddings, L2-normalised: the mean of all output tokens, padding excluded."""
+        hidden = self.backbone(**batch, use_cache=False).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)
+
+    @staticmethod
+    def truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+        """The Matryoshka prefix of `dim` dimensions, re-normalised."""
+        return F.normalize(embeddings[..., :dim], dim=-1)
+
+    def encode(self, inputs: Sequence[Input], dim: int | None = None, batch_size: int = 32) -> np.ndarray:
+        """Embeddings of any views, in batches, without gradients; float32 (n, dim or full)."""
+        dim = dim or self.dim
+        if dim not in (*self.settings.matryoshka_dims, self.dim):
+            raise UserError(f"dim={dim} is not a trained Matryoshka dimension {self.settings.matryoshka_dims}")
+        was_training = self.training
+        self.eval()
+        out = np.empty((len(inputs), dim), dtype=np.float32)
+        with torch.inference_mode(), _progress(len(inputs)) as advance:
+            for start in range(0, len(inputs), batch_size):
+                chunk = inputs[start : start + batch_size]
+                out[start : start + len(chunk)] = self.truncate(self(self.collate(chunk)), dim).float().numpy()
+                advance(len(chunk))
+        self.train(was_training)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / SETTINGS_FILE).write_text(json.dumps(self.settings.model_dump(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Embedder:
+        path = Path(path)
+        settings = ModelConfig.model_validate(json.loads((path / SETTINGS_FILE).read_text()))
+        settings = settings.model_copy(update={"checkpoint": str(path)})
+        tokenizer = load_tokenizer(path)
+        return cls(build_backbone(settings, tokenizer), tokenizer, settings)
+
+
+def _progress(total: int):
+    """A progress bar only where encoding takes a while."""
+    if total >= 2048:
+        return ui.progress("encode", total, unit="inputs")
+    from contextlib import nullcontext
+
+    return nullcontext(lambda n=1: None)
