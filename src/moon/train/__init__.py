@@ -1,0 +1,1 @@
+"""Training: losses, negative sources and GradCache for MOON's pretraining and post-training."""

@@ -1,0 +1,53 @@
+"""Negative sources beyond the batch: spatial (item embeddings of every rank) and temporal
+(a FIFO queue of item embeddings from past steps)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order; gradient flows only into this rank's own rows.
+
+    Gathered copies are detached and the local slot is put back as the live tensor, so
+    each rank back-propagates exactly its own shard (no gradient summed across ranks).
+    Gather the queries as well and compute the full-batch loss on every rank; under DDP,
+    which averages gradients over ranks, scale that loss by the world size to get the
+    single-process gradient (tests/test_distributed.py checks this with two processes).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[dist.get_rank()] = local
+    return torch.cat(parts)
+
+
+class EmbeddingQueue:
+    """Item embeddings of past steps (detached), with the keys that identify their product.
+
+    Holds at most `size` rows; rows older than `max_age` steps are not served.
+    """
+
+    def __init__(self, size: int, max_age: int):
+        self.size, self.max_age = size, max_age
+        self.embeddings: torch.Tensor | None = None
+        self.keys: list[str] = []
+        self.steps = torch.empty(0, dtype=torch.long)
+
+    def push(self, embeddings: torch.Tensor, keys: list[str], step: int) -> None:
+        new = embeddings.detach()
+        self.embeddings = new if self.embeddings is None else torch.cat([self.embeddings, new])[-self.size :]
+        self.keys = (self.keys + list(keys))[-self.size :]
+        self.steps = torch.cat([self.steps, torch.full((len(keys),), step)])[-self.size :]
+
+    def get(self, step: int) -> tuple[torch.Tensor | None, list[str]]:
+        """The embeddings still young enough at `step`, and their keys."""
+        if self.embeddings is None:
+            return None, []
+        fresh = (step - self.steps) <= self.max_age
+        return self.embeddings[fresh], [key for key, ok in zip(self.keys, fresh.tolist()) if ok]
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,103 @@
+"""Losses, negative sources and GradCache of MOON's post-training."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from moon.config import load_config
+from moon.model.embedder import Embedder
+from moon.model.inputs import Input
+from moon.train.grad_cache import grad_cache_step
+from moon.train.losses import TaskTemperatures, info_nce, matryoshka
+from moon.train.negatives import EmbeddingQueue, gather_from_ranks
+
+
+def unit(rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_info_nce_matches_the_softmax_by_hand():
+    q = unit([[1.0, 0.0], [0.0, 1.0]])
+    c = unit([[1.0, 0.1], [0.2, 1.0], [1.0, 1.0]])
+    t = 0.5
+    logits = (q @ c.T / t).numpy()
+    expected = [-(logits[i, i] - math.log(np.exp(logits[i]).sum())) for i in range(2)]
+    np.testing.assert_allclose(info_nce(q, c, t).numpy(), expected, rtol=1e-5)
+
+
+def test_false_negatives_leave_the_softmax_but_the_positive_stays():
+    q = unit([[1.0, 0.0], [0.0, 1.0]])
+    c = unit([[1.0, 0.1], [0.2, 1.0], [1.0, 0.0]])
+    mask = torch.tensor([[True, False, True], [False, True, False]])  # row 0: candidate 2 is the same product
+    masked = info_nce(q, c, 0.5, mask)
+    without = info_nce(q, c[:2], 0.5)
+    assert torch.isclose(masked[0], without[0]) and torch.isfinite(masked).all()
+    assert torch.isclose(masked[1], info_nce(q, c, 0.5)[1])
+
+
+def test_per_query_temperatures_and_their_gradients():
+    temps = TaskTemperatures(["text->image", "image->image"], initial=0.1)
+    t = temps(["image->image", "text->image"])
+    assert torch.allclose(t, torch.tensor([0.1, 0.1]))
+    q, c = unit([[1.0, 0.0], [0.0, 1.0]]), unit([[1.0, 0.3], [0.3, 1.0]])
+    info_nce(q, c, t).sum().backward()
+    assert temps.log_temperature.grad is not None and (temps.log_temperature.grad != 0).all()
+    fixed = TaskTemperatures(["a"], initial=0.07, learnable=False)
+    assert not list(fixed.parameters()) and abs(fixed.values()["a"] - 0.07) < 1e-6
+
+
+def test_matryoshka_sums_the_loss_at_every_prefix():
+    torch.manual_seed(0)
+    q, c = F.normalize(torch.randn(4, 16), dim=-1), F.normalize(torch.randn(6, 16), dim=-1)
+    loss = lambda a, b: info_nce(a, b, 0.1).mean()
+    expected = 1.0 * loss(F.normalize(q[:, :4], dim=-1), F.normalize(c[:, :4], dim=-1)) + 0.5 * loss(q, c)
+    assert torch.isclose(matryoshka(loss, q, c, [4, 16], [1.0, 0.5]), expected)
+
+
+def test_queue_keeps_the_newest_rows_and_serves_only_young_ones():
+    queue = EmbeddingQueue(size=5, max_age=2)
+    for step in range(4):
+        queue.push(torch.full((2, 3), float(step), requires_grad=True), [f"s{step}a", f"s{step}b"], step)
+    assert len(queue) == 5
+    embeddings, keys = queue.get(step=4)
+    assert keys == ["s2a", "s2b", "s3a", "s3b"] and not embeddings.requires_grad
+
+
+def test_gather_without_a_process_group_is_the_local_batch():
+    local = torch.randn(3, 4, requires_grad=True)
+    assert gather_from_ranks(local) is local
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    corpus = ["red cotton shirt", "blue denim jeans", "black leather boots", "green mug"] * 20
+    return Embedder.create(load_config().model, corpus, seed=0)
+
+
+def test_grad_cache_gives_the_full_batch_gradients(embedder):
+    colours = [(200, 30, 40), (40, 100, 210), (20, 20, 20), (40, 150, 70)] * 2
+    queries = [Input(text=t) for t in ["red shirt", "blue jeans", "black boots", "green mug"] * 2]
+    items = [Input(text=f"item {i}", image=Image.new("RGB", (64, 64), c)) for i, c in enumerate(colours)]
+    dims = embedder.settings.matryoshka_dims
+
+    def loss(q, c):
+        return matryoshka(lambda a, b: info_nce(a, b, 0.05).mean(), q, c, dims)
+
+    def encode(chunk):
+        return embedder(embedder.collate(chunk))
+
+    embedder.zero_grad()
+    full = loss(encode(queries), encode(items))
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in embedder.named_parameters() if p.grad is not None}
+
+    embedder.zero_grad()
+    chunked = grad_cache_step(encode, [[queries[i:i + 2] for i in range(0, 8, 2)], [items[i:i + 3] for i in range(0, 8, 3)]], loss)
+    assert torch.isclose(chunked, full.detach(), atol=1e-6)
+    assert expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(embedder.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4, msg=name)
