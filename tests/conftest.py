@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from moon import ui
 from moon.config import load_config
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -18,6 +19,14 @@ TINY_WORLD = [
     "behaviour.sessions_per_user_day=1.5",
     "behaviour.photo_size=48",
 ]
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    """No progress bars in test output; the CLI tests check --quiet on real processes."""
+    ui.set_quiet(True)
+    yield
+    ui.set_quiet(False)
 
 
 def shared_data(name: str) -> Path:

@@ -10,18 +10,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from moon import ui
 from moon.data import schema
 from moon.data.duplicates import Fingerprints, image_duplicate_pairs, near_duplicate_groups
 
 LONG_TITLE = "Velora women red floral print cotton summer maxi dress with side pockets and waist belt"
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    ui.set_quiet(True)
-    yield
-    ui.set_quiet(False)
 
 
 def drawing(seed: int) -> Image.Image:

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from conftest import shared_data
-from moon import ui
 from moon.config import load_config
 from moon.data import ingest as ingest_module
 from moon.data.images import ImageError, check_image
@@ -23,13 +22,6 @@ from moon.data.tables import read_manifest, read_table
 from moon.errors import UserError
 
 KAGGLE_HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    ui.set_quiet(True)
-    yield
-    ui.set_quiet(False)
 
 
 def jpeg(size=(8, 8), colour="red") -> bytes:
