@@ -385,9 +385,12 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
     codes = catalogue.codes(purchases["item_id"])
     purchases = purchases.append_column("pos_spu_id", pa.array(catalogue.spu[codes].tolist(), pa.string()))
     item_vectors = embedder.encode_items(items, STAGE2_VIEW)
+    # Every purchase's query is embedded once; the steps below look rows up by `query_row`.
+    query_vecs = query_vectors(purchases, embedder)
+    purchases = purchases.append_column("query_row", pa.array(np.arange(purchases.num_rows)))
 
     steps = [
-        ("similarity dedup", settings.dedup_similarity, lambda t: dedup_by_similarity(t, catalogue, embedder, item_vectors)),
+        ("similarity dedup", settings.dedup_similarity, lambda t: dedup_by_similarity(t, catalogue, query_vecs, item_vectors)),
         ("SPU merge", settings.spu_merge, spu_merge),
         ("category alignment", settings.category_alignment, lambda t: align_categories(t, catalogue, log.impressions, rng)),
         ("NER filter", settings.ner_filter, lambda t: ner_filter(t, Gazetteer.from_items(items), items, catalogue, settings.min_entities)),
@@ -401,7 +404,7 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
         before = purchases.num_rows
         purchases, dropped = step(purchases)
         accounting.record("stage 2", name, before, purchases.num_rows, **dropped)
-    negatives = hard_negatives(purchases, catalogue, duplicates, embedder, item_vectors, log.interactions, settings, rng)
+    negatives = hard_negatives(purchases, catalogue, duplicates, query_vecs, item_vectors, log.interactions, settings, rng)
     purchases = purchases.append_column("hard_neg_item_ids", negatives)
     accounting.record("stage 2", "hard negatives", purchases.num_rows, purchases.num_rows)
     by_view = {"text": pc.invert(purchases["image_query"]), "image": purchases["image_query"]}
@@ -421,9 +424,10 @@ def query_vectors(table: pa.Table, embedder) -> np.ndarray:
     return vectors
 
 
-def dedup_by_similarity(table: pa.Table, catalogue: Catalogue, embedder, item_vectors: np.ndarray):
+def dedup_by_similarity(table: pa.Table, catalogue: Catalogue, query_vecs: np.ndarray, item_vectors: np.ndarray):
     """Per (item, query modality), keep the query least similar to the item: the hard, long-tail one."""
-    similarity = np.einsum("ij,ij->i", query_vectors(table, embedder), item_vectors[catalogue.codes(table["item_id"])])
+    queries = query_vecs[table["query_row"].to_numpy()]
+    similarity = np.einsum("ij,ij->i", queries, item_vectors[catalogue.codes(table["item_id"])])
     keys = np.array([f"{item}|{image}" for item, image in zip(table["item_id"].to_pylist(), table["image_query"].to_pylist())])
     order = np.lexsort((similarity, keys))  # by key, then least similar first
     first = np.ones(len(order), bool)
@@ -470,13 +474,13 @@ def ner_filter(table: pa.Table, gazetteer: Gazetteer, items: pa.Table, catalogue
     return table.filter(pa.array(keep)), dropped
 
 
-def hard_negatives(table, catalogue, duplicates, embedder, item_vectors, interactions, settings, rng) -> pa.ListArray:
+def hard_negatives(table, catalogue, duplicates, query_vecs, item_vectors, interactions, settings, rng) -> pa.ListArray:
     """Per pair: same-leaf items of other SPUs, then the embedder's nearest items that are not positives."""
     group = _duplicate_group(catalogue, duplicates)
     touched = _items_per_session(interactions, catalogue)
     by_leaf = {code: np.flatnonzero(catalogue.leaf == code) for code in np.unique(catalogue.leaf)}
     positives = catalogue.codes(table["item_id"])
-    mined = _nearest_items(query_vectors(table, embedder), item_vectors, settings.mined_negatives + 32)
+    mined = _nearest_items(query_vecs[table["query_row"].to_numpy()], item_vectors, settings.mined_negatives + 32)
     negatives = []
     for row, (pos, session) in enumerate(zip(positives, table["session_id"].to_pylist())):
         excluded = set(touched.get(session, ()))

@@ -23,7 +23,7 @@ def summarize(run_dir: Path) -> list[tuple[str, object]]:
     if not has_table(run_dir, "events"):
         return rows
     manifest = read_manifest(run_dir, "events")
-    events = read_table(run_dir, "events", ["action", "session_id", "query_text", "user_id", "ts"])
+    events = read_table(run_dir, "events", ["action", "session_id", "query_text", "user_id"])
     actions = dict(zip(*np.unique(events["action"].to_numpy(zero_copy_only=False), return_counts=True)))
     counts = {action: int(actions.get(action, 0)) for action in ACTIONS}
     start = np.datetime64(manifest["period_start"], "ms")
