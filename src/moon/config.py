@@ -190,6 +190,64 @@ class ModelConfig(Section):
     matryoshka_dims: list[int] = Field([32, 64, 128], description="embedding prefixes trained and served")
     bidirectional: bool = Field(True, description="embed with bidirectional attention (MOON); false: causal")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="weights and compute dtype while training and embedding (bfloat16 on GPUs)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    lora_rank: int = Field(0, ge=0, description="train LoRA adapters of this rank on the LLM (peft); 0: full training")
+    lora_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="LLM modules LoRA adapts")
+
+
+class TrainLoop(Section):
+    """What every training stage shares: length, batch, optimiser, checkpoints and logging."""
+
+    steps: int = Field(200, gt=0, description="optimiser steps")
+    batch_size: int = Field(32, gt=0, description="examples per step on each process (rank)")
+    chunk_size: int = Field(0, ge=0, description="GradCache / accumulation chunk; 0: the whole batch at once")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW), reached after warmup, then cosine decay")
+    warmup_steps: int = Field(20, ge=0, description="linear learning-rate warmup steps")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    checkpoint_every: int = Field(100, gt=0, description="save a resumable checkpoint every this many steps")
+    log_every: int = Field(10, gt=0, description="write a training-log line every this many steps")
+
+
+class PretrainConfig(TrainLoop):
+    """Domain-knowledge pretraining: next-token prediction on product tasks generated from the catalogue."""
+
+    tasks: list[Literal["title", "attributes", "category", "subject"]] = Field(
+        ["title", "attributes", "category", "subject"],
+        description="image -> title, attribute question/answer, category path, main-subject description",
+    )
+    max_answer_tokens: int = Field(32, gt=0, description="answer tokens kept per example")
+
+
+class PosttrainStage(TrainLoop):
+    """One contrastive post-training stage over a pair table."""
+
+    temperature: float = Field(0.05, gt=0, description="initial InfoNCE temperature of every task")
+    learnable_temperature: bool = Field(True, description="learn one temperature per task (else keep it fixed)")
+    task_weights: dict[str, float] = Field({}, description="loss weight by task; a task left out weighs 1")
+    matryoshka_weights: list[float] | None = Field(
+        None, description="loss weight per Matryoshka dim (model dims, then full); null: equal weights"
+    )
+    hard_negatives: bool = Field(False, description="add the pair table's hard negatives to the candidates")
+    spatial_negatives: bool = Field(True, description="gather item embeddings from every rank as negatives")
+    queue_size: int = Field(0, ge=0, description="temporal negatives: item embeddings kept from past steps; 0: none")
+    queue_max_age: int = Field(8, ge=0, description="temporal negatives older than this many steps are not used")
+
+
+def _stage2_defaults() -> PosttrainStage:
+    return PosttrainStage(steps=100, lr=2e-4, warmup_steps=10, hard_negatives=True, queue_size=256)
+
+
+class PosttrainConfig(Section):
+    """Contrastive post-training: stage 1 on the mixed-modality pairs, stage 2 on cleaned purchases."""
+
+    from_pretrained: bool = Field(True, description="start stage 1 from the pretraining checkpoint when there is one")
+    stage1: PosttrainStage = Field(default_factory=PosttrainStage, description="stage 1: nine tasks, in-batch negatives")
+    stage2: PosttrainStage = Field(
+        default_factory=_stage2_defaults, description="stage 2: purchases, hard and spatial-temporal negatives"
+    )
 
 
 class MoonConfig(Section):
@@ -202,6 +260,8 @@ class MoonConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="real catalogue ingestion")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="post-training pairs and evaluation set")
     model: ModelConfig = Field(default_factory=ModelConfig, description="backbone and embedding")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="domain-knowledge pretraining")
+    posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig, description="contrastive post-training")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""
