@@ -61,10 +61,11 @@ def test_matryoshka_sums_the_loss_at_every_prefix():
 def test_queue_keeps_the_newest_rows_and_serves_only_young_ones():
     queue = EmbeddingQueue(size=5, max_age=2)
     for step in range(4):
-        queue.push(torch.full((2, 3), float(step), requires_grad=True), [f"s{step}a", f"s{step}b"], step)
+        queue.push(torch.full((2, 3), float(step), requires_grad=True), torch.tensor([10 * step, 10 * step + 1]), step)
     assert len(queue) == 5
     embeddings, keys = queue.get(step=4)
-    assert keys == ["s2a", "s2b", "s3a", "s3b"] and not embeddings.requires_grad
+    assert keys.tolist() == [20, 21, 30, 31] and not embeddings.requires_grad
+    assert embeddings[:, 0].tolist() == [2.0, 2.0, 3.0, 3.0]
 
 
 def test_gather_without_a_process_group_is_the_local_batch():

@@ -94,6 +94,25 @@ def pairs(config: MoonConfig, run_dir: Path):
 
 
 @cli.command()
+@stage_command
+def pretrain(config: MoonConfig, run_dir: Path):
+    """Pretrain the backbone on product tasks from the catalogue (next-token prediction)."""
+    from moon.train.pretrain import pretrain as run_pretrain
+
+    ui.log(f"pretrained model -> {run_pretrain(config, run_dir)}")
+
+
+@cli.command()
+@click.option("--stage", type=click.IntRange(1, 2), required=True, help="1: nine mixed-modality tasks; 2: purchases with hard and spatial-temporal negatives")
+@stage_command
+def posttrain(config: MoonConfig, run_dir: Path, stage: int):
+    """Post-train the embedder contrastively on the pair tables (run under torchrun for several processes)."""
+    from moon.train.posttrain import posttrain as run_posttrain
+
+    ui.log(f"stage-{stage} embedder -> {run_posttrain(config, run_dir, stage)}")
+
+
+@cli.command()
 @click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current")
 @stage_command
 def demo(config: MoonConfig, run_dir: Path, fresh: bool):

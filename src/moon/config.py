@@ -230,14 +230,16 @@ class PosttrainStage(TrainLoop):
     matryoshka_weights: list[float] | None = Field(
         None, description="loss weight per Matryoshka dim (model dims, then full); null: equal weights"
     )
-    hard_negatives: bool = Field(False, description="add the pair table's hard negatives to the candidates")
+    hard_negatives: int = Field(
+        0, ge=0, description="hard negatives per pair drawn from the pair table (embedded without gradient)"
+    )
     spatial_negatives: bool = Field(True, description="gather item embeddings from every rank as negatives")
     queue_size: int = Field(0, ge=0, description="temporal negatives: item embeddings kept from past steps; 0: none")
     queue_max_age: int = Field(8, ge=0, description="temporal negatives older than this many steps are not used")
 
 
 def _stage2_defaults() -> PosttrainStage:
-    return PosttrainStage(steps=100, lr=2e-4, warmup_steps=10, hard_negatives=True, queue_size=256)
+    return PosttrainStage(steps=100, lr=2e-4, warmup_steps=10, hard_negatives=2, queue_size=256)
 
 
 class PosttrainConfig(Section):

@@ -10,6 +10,7 @@ gradients as the full batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -18,10 +19,14 @@ def grad_cache_step(
     encode: Callable[[object], torch.Tensor],
     chunks: Sequence[Sequence[object]],
     loss: Callable[..., torch.Tensor],
+    no_sync: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
     """`chunks[k]` are the model inputs of the k-th tower (e.g. queries, items), already split
     into sub-batches; `loss` takes one full embedding tensor per tower. Gradients accumulate in
-    the model's parameters (and in any tensor `loss` closes over); returns the loss (detached)."""
+    the model's parameters (and in any tensor `loss` closes over); returns the loss (detached).
+
+    Under DDP pass the wrapper's `no_sync`: gradients are then all-reduced once, in the
+    backward pass of the last chunk, instead of after every chunk."""
     states, towers = [], []
     with torch.no_grad():
         for tower in chunks:
@@ -33,12 +38,14 @@ def grad_cache_step(
             towers.append(torch.cat(parts).requires_grad_(True))
     value = loss(*towers)
     value.backward()
-    for tower, tower_states, full in zip(chunks, states, towers):
+    last = (len(chunks) - 1, len(chunks[-1]) - 1)
+    for t, (tower, tower_states, full) in enumerate(zip(chunks, states, towers)):
         start = 0
-        for chunk, state in zip(tower, tower_states):
+        for c, (chunk, state) in enumerate(zip(tower, tower_states)):
             _set_random_state(state)
-            embeddings = encode(chunk)
-            embeddings.backward(full.grad[start : start + len(embeddings)])
+            with nullcontext() if (t, c) == last else no_sync():
+                embeddings = encode(chunk)
+                embeddings.backward(full.grad[start : start + len(embeddings)])
             start += len(embeddings)
     return value.detach()
 

@@ -83,20 +83,24 @@ class Processes:
             dist.destroy_process_group()
 
 
-def batch_indices(examples: int, batch_size: int, step: int, seed: int, processes: Processes) -> np.ndarray:
-    """This rank's example indices for `step`: slice `rank` of the step's global batch.
+def global_batch_indices(examples: int, batch_size: int, step: int, seed: int, world_size: int) -> np.ndarray:
+    """The example indices of `step` for every rank, (world_size, batch_size).
 
-    The global batch (batch_size x world size) walks through seeded per-epoch
-    permutations; a batch never straddles two epochs, so no example repeats within one.
+    The global batch walks through seeded per-epoch permutations; a batch never
+    straddles two epochs, so no example repeats within one.
     """
-    global_batch = batch_size * processes.world_size
+    global_batch = batch_size * world_size
     if examples < global_batch:
         raise ValueError(f"{examples} examples cannot fill a global batch of {global_batch}; lower batch_size")
     per_epoch = examples // global_batch
     epoch, position = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(examples)
-    start = position * global_batch + processes.rank * batch_size
-    return order[start : start + batch_size]
+    return order[position * global_batch : (position + 1) * global_batch].reshape(world_size, batch_size)
+
+
+def batch_indices(examples: int, batch_size: int, step: int, seed: int, processes: Processes) -> np.ndarray:
+    """This rank's example indices for `step`: its slice of the step's global batch."""
+    return global_batch_indices(examples, batch_size, step, seed, processes.world_size)[processes.rank]
 
 
 def optimiser(parameters, loop: TrainLoop) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

@@ -67,4 +67,4 @@ class TaskTemperatures(torch.nn.Module):
         return self.log_temperature.exp()[rows]
 
     def values(self) -> dict[str, float]:
-        return {task: float(self.log_temperature[i].exp()) for task, i in self.index.items()}
+        return {task: float(self.log_temperature[i].detach().exp()) for task, i in self.index.items()}

@@ -25,7 +25,8 @@ def gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
 
 
 class EmbeddingQueue:
-    """Item embeddings of past steps (detached), with the keys that identify their product.
+    """Item embeddings of past steps (detached), with the integer keys that identify their
+    product (e.g. item, SPU and near-duplicate group codes) for false-negative masking.
 
     Holds at most `size` rows; rows older than `max_age` steps are not served.
     """
@@ -33,21 +34,29 @@ class EmbeddingQueue:
     def __init__(self, size: int, max_age: int):
         self.size, self.max_age = size, max_age
         self.embeddings: torch.Tensor | None = None
-        self.keys: list[str] = []
+        self.keys: torch.Tensor | None = None
         self.steps = torch.empty(0, dtype=torch.long)
 
-    def push(self, embeddings: torch.Tensor, keys: list[str], step: int) -> None:
-        new = embeddings.detach()
+    def push(self, embeddings: torch.Tensor, keys: torch.Tensor, step: int) -> None:
+        if self.size == 0:
+            return
+        new, keys = embeddings.detach(), torch.as_tensor(keys)
         self.embeddings = new if self.embeddings is None else torch.cat([self.embeddings, new])[-self.size :]
-        self.keys = (self.keys + list(keys))[-self.size :]
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys])[-self.size :]
         self.steps = torch.cat([self.steps, torch.full((len(keys),), step)])[-self.size :]
 
-    def get(self, step: int) -> tuple[torch.Tensor | None, list[str]]:
+    def get(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The embeddings still young enough at `step`, and their keys."""
         if self.embeddings is None:
-            return None, []
+            return None, None
         fresh = (step - self.steps) <= self.max_age
-        return self.embeddings[fresh], [key for key, ok in zip(self.keys, fresh.tolist()) if ok]
+        return self.embeddings[fresh], self.keys[fresh]
+
+    def state_dict(self) -> dict:
+        return {"embeddings": self.embeddings, "keys": self.keys, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.embeddings, self.keys, self.steps = state["embeddings"], state["keys"], state["steps"]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.steps)

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics (recall@K with bootstrap confidence intervals) on any model's vectors."""

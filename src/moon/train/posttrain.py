@@ -1,0 +1,327 @@
+"""Contrastive post-training, MOON stages 1 and 2: the recipe, top to bottom.
+
+Stage 1 trains on the nine mixed-modality tasks of `pairs_stage1` with in-batch
+negatives; stage 2 on the cleaned purchases of `pairs_stage2`, adding the pair table's
+hard negatives, spatial negatives (the positives of every rank) and temporal negatives
+(a queue of item embeddings from past steps). The loss is InfoNCE with a temperature and
+a weight per task, false negatives (same item, same SPU, same near-duplicate group)
+masked, at every Matryoshka dimension.
+
+One step embeds the queries and positives of this rank's slice of the global batch in
+one forward pass (so DDP sees each parameter once), in GradCache chunks when
+`chunk_size` is set. Launch `torchrun --nproc_per_node N -m moon posttrain ...` to train
+data-parallel; the data order, and therefore the result, depends only on the seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from moon import ui
+from moon.config import MoonConfig, PosttrainStage
+from moon.data import schema
+from moon.data.tables import has_table, read_table
+from moon.errors import UserError
+from moon.model.backbone import set_bidirectional
+from moon.model.embedder import Embedder
+from moon.model.inputs import Input
+from moon.model.views import ItemViews, query_input
+from moon.train.grad_cache import grad_cache_step
+from moon.train.loop import (
+    Checkpoints,
+    Processes,
+    TrainLog,
+    global_batch_indices,
+    model_dir,
+    optimiser,
+    publish,
+    work_dir,
+)
+from moon.train.losses import TaskTemperatures, info_nce, matryoshka
+from moon.train.negatives import EmbeddingQueue, gather_from_ranks
+
+SECTIONS = ("world", "behaviour", "ingest", "pairs", "model", "pretrain", "posttrain")
+STAGES = {1: "stage1", 2: "stage2"}
+
+
+def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
+    """Trains one post-training stage and publishes the embedder to `models/stage<N>/`."""
+    settings: PosttrainStage = getattr(config.posttrain, STAGES[stage])
+    processes = Processes.start()
+    items = ItemViews(read_table(run_dir, "items"))
+    pairs = PairTable(_train_pairs(run_dir, stage), items, _product_keys(run_dir, items))
+    embedder, source = starting_embedder(config, run_dir, stage, pairs)
+    embedder.to(processes.device).train()
+    temperatures = TaskTemperatures(schema.TASKS, settings.temperature, settings.learnable_temperature)
+    temperatures.to(processes.device)
+    model = _data_parallel(embedder, processes)
+    optim, schedule = optimiser([*embedder.parameters(), *temperatures.parameters()], settings)
+    queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
+    state = {"model": embedder, "temperatures": temperatures, "optimiser": optim, "schedule": schedule, "queue": queue}
+
+    checkpoints = Checkpoints(work_dir(run_dir, STAGES[stage]), processes)
+    start, _ = checkpoints.restore(state)
+    log = TrainLog(work_dir(run_dir, STAGES[stage]), processes, start)
+    global_batch = settings.batch_size * processes.world_size
+    if start:
+        ui.log(f"resuming post-training stage {stage} after step {start}")
+
+    step_loss = ContrastiveStep(model, embedder, temperatures, queue, settings, processes)
+    with ui.progress(f"post-train stage {stage}", settings.steps * global_batch, unit="pairs") as advance:
+        advance(start * global_batch)
+        clock, since = time.perf_counter(), start
+        for step in range(start, settings.steps):
+            indices = global_batch_indices(len(pairs), settings.batch_size, step, config.seed, processes.world_size)
+            rng = np.random.default_rng([config.seed, stage, step])
+            batch = pairs.batch(indices, processes.rank, settings.hard_negatives, rng)
+            stats = step_loss(batch, step)
+            torch.nn.utils.clip_grad_norm_([*embedder.parameters(), *temperatures.parameters()], 1.0)
+            optim.step()
+            schedule.step()
+            optim.zero_grad(set_to_none=True)
+            advance(global_batch)
+            done = step + 1
+            if done % settings.log_every == 0 or done == settings.steps:
+                elapsed = time.perf_counter() - clock
+                log.write({"step": done, **stats, "lr": schedule.get_last_lr()[0],
+                           "temperatures": temperatures.values(), "pairs_per_s": (done - since) * global_batch / elapsed})
+                clock, since = time.perf_counter(), done
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                checkpoints.save(done, state)
+
+    manifest = {"stage": stage, "config_digest": config.digest(*SECTIONS), "started_from": source,
+                "steps": settings.steps, "pairs_seen": settings.steps * global_batch, "train_pairs": len(pairs),
+                "processes": processes.world_size, "temperatures": temperatures.values()}
+    final = model_dir(run_dir, STAGES[stage])
+    if processes.is_main:
+        publish(embedder.save, final, manifest)
+    processes.stop()
+    return final
+
+
+def starting_embedder(config: MoonConfig, run_dir: Path, stage: int, pairs: PairTable) -> tuple[Embedder, str]:
+    """Stage 2 continues stage 1; stage 1 starts from the pretraining checkpoint when there is
+    one (and `posttrain.from_pretrained`), else from `model.checkpoint` or a new tiny model."""
+    if stage == 2:
+        source = model_dir(run_dir, "stage1")
+        if not has_table(run_dir, "models/stage1"):
+            raise UserError(f"no stage-1 model in {source}: run `moon posttrain --stage 1` first")
+    else:
+        source = model_dir(run_dir, "pretrain")
+        if not (config.posttrain.from_pretrained and has_table(run_dir, "models/pretrain")):
+            corpus = [*pairs.items.texts(), *pairs.query_texts()]
+            return Embedder.create(config.model, corpus, seed=config.seed), config.model.checkpoint or "random init"
+    embedder = Embedder.load(source)
+    set_bidirectional(embedder.backbone, config.model.bidirectional)  # pretraining ran causal
+    embedder.settings = embedder.settings.model_copy(update={"bidirectional": config.model.bidirectional})
+    return embedder, str(source)
+
+
+def _train_pairs(run_dir: Path, stage: int) -> pa.Table:
+    name = f"pairs_stage{stage}"
+    if not has_table(run_dir, name):
+        raise UserError(f"no {name} table in {run_dir}: run `moon pairs` first")
+    table = read_table(run_dir, name)
+    return table.filter(pa.compute.equal(table["split"], "train"))
+
+
+def _product_keys(run_dir: Path, items: ItemViews) -> torch.Tensor:
+    """Per catalogue row: (item, SPU, near-duplicate group) codes; equal codes = same product."""
+    table = read_table(run_dir, "items", columns=["spu_id"])
+    _, spu = np.unique(np.array(table["spu_id"].to_pylist(), dtype=object), return_inverse=True)
+    group = np.arange(len(items)) + len(items)  # an item outside every group is its own
+    if has_table(run_dir, "near_duplicates"):
+        duplicates = read_table(run_dir, "near_duplicates")
+        _, codes = np.unique(np.array(duplicates["group_id"].to_pylist(), dtype=object), return_inverse=True)
+        group[items.rows(duplicates["item_id"].to_pylist())] = codes
+    return torch.from_numpy(np.stack([np.arange(len(items)), spu, group], axis=1))
+
+
+@dataclass
+class Batch:
+    """One step's global batch: every rank knows all keys, embeds only its own slice."""
+
+    queries: list[Input]  # this rank's
+    positives: list[Input]  # this rank's
+    hard_negatives: list[Input]  # this rank's share
+    tasks: list[str]  # global, rank-major
+    weights: torch.Tensor  # global
+    positive_keys: torch.Tensor  # global (B, 3)
+    hard_keys: torch.Tensor  # global (H, 3)
+
+
+class PairTable:
+    """The training pairs of a stage, turned into inputs for the embedder."""
+
+    def __init__(self, table: pa.Table, items: ItemViews, keys: torch.Tensor):
+        if table.num_rows == 0:
+            raise UserError("the pair table has no training pairs: simulate more behaviour or lower pairs.test_days")
+        self.items, self.keys = items, keys
+        self.tasks = table["task"].to_pylist()
+        self.query_views = table["query_view"].to_pylist()
+        self.query_texts_ = table["query_text"].to_pylist()
+        self.query_images = table["query_image"].to_pylist()
+        self.query_rows = [None if i is None else items.row[i] for i in table["query_item_id"].to_pylist()]
+        self.positive_rows = items.rows(table["pos_item_id"].to_pylist())
+        self.item_views = table["item_view"].to_pylist()
+        self.hard_rows = [items.rows(ids) for ids in table["hard_neg_item_ids"].to_pylist()]
+        self.weights = torch.tensor(table["weight"].to_numpy(), dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def query_texts(self) -> list[str]:
+        return [text for text in self.query_texts_ if text]
+
+    def batch(self, indices: np.ndarray, rank: int, hard_per_pair: int, rng: np.random.Generator) -> Batch:
+        """`indices` is the global batch, (ranks, pairs per rank); `rank` says which row is ours.
+        Hard negatives are drawn for every rank from one seeded stream, so all ranks agree."""
+        flat = indices.reshape(-1)
+        hard = [self._hard(i, hard_per_pair, rng) for i in flat]
+        mine = indices[rank]
+        my_hard = [(int(i), row) for i, rows in zip(mine, hard[rank * len(mine) : (rank + 1) * len(mine)]) for row in rows]
+        hard_rows = np.array([row for rows in hard for row in rows], dtype=np.int64)
+        return Batch(
+            queries=[self._query(int(i)) for i in mine],
+            positives=[self.items.input(self.positive_rows[i], self.item_views[i]) for i in mine],
+            hard_negatives=[self.items.input(row, self.item_views[i]) for i, row in my_hard],
+            tasks=[self.tasks[i] for i in flat],
+            weights=self.weights[flat],
+            positive_keys=self.keys[self.positive_rows[flat]],
+            hard_keys=self.keys[hard_rows] if len(hard_rows) else self.keys[:0],
+        )
+
+    def _query(self, i: int) -> Input:
+        return query_input(self.query_views[i], self.query_texts_[i], self.query_images[i], self.query_rows[i], self.items)
+
+    def _hard(self, i: int, count: int, rng: np.random.Generator) -> np.ndarray:
+        rows = self.hard_rows[i]
+        if count == 0 or len(rows) == 0:
+            return rows[:0]
+        return rng.choice(rows, size=min(count, len(rows)), replace=False)
+
+
+class ContrastiveStep:
+    """Forward and backward of one step; gradients are left in the parameters."""
+
+    def __init__(self, model, embedder: Embedder, temperatures: TaskTemperatures, queue: EmbeddingQueue,
+                 settings: PosttrainStage, processes: Processes):
+        self.model, self.embedder, self.temperatures, self.queue = model, embedder, temperatures, queue
+        self.settings, self.processes = settings, processes
+        self.dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
+        self.dim_weights = settings.matryoshka_weights or [1.0] * len(self.dims)
+        if len(self.dim_weights) != len(self.dims):
+            raise UserError(f"matryoshka_weights needs one weight per dimension {self.dims}")
+
+    def __call__(self, batch: Batch, step: int) -> dict:
+        device = self.processes.device
+        hard = self._hard_negatives(batch)
+        queued, queued_keys = self.queue.get(step)
+        candidate_keys = torch.cat([k for k in (batch.positive_keys, batch.hard_keys, queued_keys) if k is not None])
+        masked = _same_product(batch.positive_keys, candidate_keys).to(device)
+        weights = batch.weights.to(device) * torch.tensor([self.settings.task_weights.get(t, 1.0) for t in batch.tasks],
+                                                          device=device)
+        record = {}
+
+        def loss(embeddings: torch.Tensor) -> torch.Tensor:
+            b = len(batch.queries)
+            queries, positives = gather_from_ranks(embeddings[:b]), gather_from_ranks(embeddings[b:])
+            candidates = torch.cat([c for c in (positives, hard, queued) if c is not None])
+            temperature = self.temperatures(batch.tasks)
+
+            def weighted_info_nce(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                per_pair = info_nce(q, c, temperature, masked)
+                record["per_pair"] = per_pair.detach()  # the last, full dimension's, is logged per task
+                return (per_pair * weights).sum() / weights.sum()
+
+            value = matryoshka(weighted_info_nce, queries, candidates, self.dims, self.dim_weights)
+            record.update(loss=value.detach(), positives=positives.detach(), candidates=len(candidates))
+            # Every rank computes the whole batch's loss but back-propagates only into its own
+            # rows; DDP averages over ranks, so the world size restores the full gradient.
+            return value * self.processes.world_size
+
+        self._forward_backward(batch.queries + batch.positives, loss)
+        if self.processes.world_size > 1 and self.temperatures.log_temperature.grad is not None:
+            self.temperatures.log_temperature.grad /= self.processes.world_size  # identical on every rank, not averaged
+        self.queue.push(record["positives"], batch.positive_keys, step)
+        return self._stats(batch, record, masked)
+
+    def _forward_backward(self, inputs: list[Input], loss) -> None:
+        collate, device = self.embedder.collate, self.processes.device
+        chunk = self.settings.chunk_size
+        if not chunk or chunk >= len(inputs):
+            loss(self.model(_to(collate(inputs), device))).backward()
+            return
+        chunks = [_to(collate(inputs[i : i + chunk]), device) for i in range(0, len(inputs), chunk)]
+        no_sync = getattr(self.model, "no_sync", None) or _no_sync
+        encode = lambda batch: self.model(batch) if torch.is_grad_enabled() else self.embedder(batch)  # noqa: E731
+        grad_cache_step(encode, [chunks], loss, no_sync)
+
+    @torch.no_grad()
+    def _hard_negatives(self, batch: Batch) -> torch.Tensor | None:
+        """Hard negatives, embedded without gradient by each rank and shared with all."""
+        if not len(batch.hard_keys):
+            return None
+        chunk = self.settings.chunk_size or len(batch.hard_negatives) or 1
+        local = [self.embedder(_to(self.embedder.collate(batch.hard_negatives[i : i + chunk]), self.processes.device))
+                 for i in range(0, len(batch.hard_negatives), chunk)]
+        local = torch.cat(local) if local else torch.empty(0, self.embedder.dim, device=self.processes.device)
+        return _gather_uneven(local, len(batch.hard_keys))
+
+    def _stats(self, batch: Batch, record: dict, masked: torch.Tensor) -> dict:
+        per_pair = record["per_pair"].cpu().numpy()
+        by_task = {}
+        for task in sorted(set(batch.tasks)):
+            rows = [i for i, t in enumerate(batch.tasks) if t == task]
+            by_task[task] = float(per_pair[rows].mean())
+        negatives = (record["candidates"] - masked.sum(1)).float().mean().item()  # masked includes the positive
+        return {"loss": float(record["loss"]), "loss_by_task": by_task, "negatives": negatives,
+                "queue": len(self.queue)}
+
+
+def _same_product(positive_keys: torch.Tensor, candidate_keys: torch.Tensor) -> torch.Tensor:
+    """(B, N): candidate j is the same product as query i's positive (item, SPU or group)."""
+    return (positive_keys[:, None, :] == candidate_keys[None, :, :]).any(-1)
+
+
+def _gather_uneven(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows of every rank when ranks hold different numbers of rows (hard negatives)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
+    width = max(int(s) for s in sizes)
+    padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    gathered = torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
+    assert len(gathered) == total, (len(gathered), total)
+    return gathered
+
+
+def _data_parallel(embedder: Embedder, processes: Processes):
+    if processes.world_size == 1:
+        return embedder
+    # Text-only batches leave the vision tower unused, hence find_unused_parameters.
+    device_ids = [processes.device.index] if processes.device.type == "cuda" else None
+    return DistributedDataParallel(embedder, device_ids=device_ids, find_unused_parameters=True)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _no_sync():
+    from contextlib import nullcontext
+
+    return nullcontext()
