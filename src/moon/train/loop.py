@@ -122,11 +122,16 @@ def optimiser(parameters, loop: TrainLoop) -> tuple[torch.optim.Optimizer, torch
 
 
 class Checkpoints:
-    """The latest resumable state of one training stage, in `<work_dir>/checkpoint/`."""
+    """The latest resumable state of one training stage, in `<work_dir>/checkpoint/`.
 
-    def __init__(self, work_dir: Path, processes: Processes):
+    A checkpoint is resumed only by a run of the same config (`digest`); another config
+    starts over, since its data order and schedule would not match the saved state.
+    """
+
+    def __init__(self, work_dir: Path, processes: Processes, digest: str):
         self.path = Path(work_dir) / CHECKPOINT
         self.processes = processes
+        self.digest = digest
 
     def save(self, step: int, modules: dict[str, object], extra: dict | None = None) -> None:
         """Saves the state dicts of `modules` (model, optimiser, schedule...) after `step` steps."""
@@ -135,7 +140,7 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             state = {name: module.state_dict() for name, module in modules.items()}
-            torch.save({"step": step, "state": state, "extra": extra or {}}, tmp / "state.pt")
+            torch.save({"step": step, "digest": self.digest, "state": state, "extra": extra or {}}, tmp / "state.pt")
             old = self.path.with_name(f".{CHECKPOINT}.old")
             if self.path.exists():
                 self.path.rename(old)
@@ -149,6 +154,8 @@ class Checkpoints:
         if not file.exists():
             return 0, {}
         saved = torch.load(file, map_location=self.processes.device, weights_only=False)
+        if saved.get("digest") != self.digest:
+            return 0, {}
         for name, module in modules.items():
             module.load_state_dict(saved["state"][name])
         return saved["step"], saved["extra"]

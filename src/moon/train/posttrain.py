@@ -66,7 +66,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
     state = {"model": embedder, "temperatures": temperatures, "optimiser": optim, "schedule": schedule, "queue": queue}
 
-    checkpoints = Checkpoints(work_dir(run_dir, STAGES[stage]), processes)
+    checkpoints = Checkpoints(work_dir(run_dir, STAGES[stage]), processes, config.digest(*SECTIONS))
     start, _ = checkpoints.restore(state)
     log = TrainLog(work_dir(run_dir, STAGES[stage]), processes, start)
     global_batch = settings.batch_size * processes.world_size

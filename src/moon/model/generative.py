@@ -1,0 +1,148 @@
+"""The generative model of MOON's pretraining: Qwen2-VL with its language-model head, causal.
+
+Pretraining teaches the backbone e-commerce knowledge by next-token prediction, so the
+model here is the library's `Qwen2VLForConditionalGeneration` (the backbone of
+`backbone.py` plus an LM head), with causal attention. It is built from the tiny
+`ModelConfig` sizes with seeded random weights, or loaded from `model.checkpoint`.
+
+Precision: with `model.dtype=bfloat16` the forward and backward run under bf16 autocast
+while trained weights keep float32 master copies (pure bf16 AdamW loses small updates);
+weights that LoRA freezes are stored in bf16, which is what makes LoRA cheap.
+
+A saved model is a plain Qwen2-VL generative checkpoint plus our tokenizer and
+`moon_model.json`: `Embedder.load` reads its backbone (the LM head is left unused), and
+`model.checkpoint` can point at it to continue generative training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2VLForConditionalGeneration
+
+from moon.config import ModelConfig
+from moon.errors import UserError
+from moon.model.backbone import grid_side, set_bidirectional, tiny_config
+from moon.model.embedder import SETTINGS_FILE
+from moon.model.inputs import Collator
+
+IGNORE = -100  # label of a token that is not predicted (prompt, image, padding)
+
+
+def build_generative(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> torch.nn.Module:
+    """The generative model, causal, with the configured precision, checkpointing and LoRA.
+
+    Returns a `Qwen2VLForConditionalGeneration`, or a peft model wrapping one when
+    `model.lora_rank > 0` (only the adapters are then trainable).
+    """
+    model = _load_or_init(settings, tokenizer, seed)
+    set_bidirectional(model.model, False)  # next-token prediction needs causal attention
+    if settings.lora_rank > 0:
+        model = _add_lora(model, settings)
+    if settings.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and never needs inputs that require grad
+        base_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _load_or_init(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int):
+    if settings.checkpoint:
+        path = Path(settings.checkpoint)
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.checkpoint {path} has no config.json: point it at a local Qwen2-VL directory")
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32, attn_implementation=settings.attn_implementation
+        )
+    else:
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration._from_config(
+            tiny_config(settings, tokenizer), attn_implementation=settings.attn_implementation, dtype=torch.float32
+        )
+    grid_side(settings.model_copy(update={"patch_size": model.config.vision_config.patch_size}))
+    return model
+
+
+def _add_lora(model, settings: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    # only the LLM's projections: the vision encoder has modules of other names, but a
+    # user's target list could match some, and LoRA is documented as adapting the LLM
+    targets = "|".join(settings.lora_targets)
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=2 * settings.lora_rank,
+        target_modules=rf".*language_model.*\.({targets})",
+        lora_dropout=0.0,  # no randomness: a resumed run must repeat the uninterrupted one
+    )
+    model = get_peft_model(model, config)
+    if settings.dtype == "bfloat16":
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return model
+
+
+def base_model(model: torch.nn.Module) -> Qwen2VLForConditionalGeneration:
+    """The Qwen2-VL generative model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def autocast(settings: ModelConfig, device: torch.device):
+    """bf16 compute when configured; float32 needs no context."""
+    if settings.dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class AnswerLoss(torch.nn.Module):
+    """Next-token cross-entropy on answer tokens only, per example.
+
+    Logits are computed only where a label is set, so a large vocabulary costs memory
+    for answer tokens alone. Wrapping the model in this module lets DDP see one forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sum, predicted tokens) per example, float32."""
+        generative = base_model(self.model)
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        hidden = generative.model(**inputs, use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]  # the token at t+1 is predicted from position t
+        scored = targets != IGNORE
+        logits = generative.lm_head(hidden[:, :-1][scored]).float()
+        token_loss = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="none")
+        rows = scored.nonzero()[:, 0]
+        sums = torch.zeros(len(targets), device=hidden.device).index_add(0, rows, token_loss)
+        return sums, scored.sum(1)
+
+
+def merged(model: torch.nn.Module) -> Qwen2VLForConditionalGeneration:
+    """The plain generative model with LoRA adapters merged into its weights (in place)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_generative(model, tokenizer: PreTrainedTokenizerBase, settings: ModelConfig, path: str | Path) -> Path:
+    """Writes a directory that `Embedder.load` (backbone) and `build_generative` (whole model) read.
+
+    LoRA adapters are merged first, so the model can no longer train afterwards.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = merged(model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # the embedder's own attention choice is kept: post-training embeds bidirectionally
+    (path / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(), indent=2) + "\n")
+    return path
+
+
+def make_collator(model, tokenizer: PreTrainedTokenizerBase, settings: ModelConfig) -> Collator:
+    """The embedder's input collator, for the generative model's vision settings."""
+    vision = base_model(model).config.vision_config
+    return Collator(tokenizer, vision, settings.image_size, settings.max_text_tokens)
