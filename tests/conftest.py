@@ -21,6 +21,19 @@ TINY_WORLD = [
 ]
 
 
+# A model small enough that a training step takes milliseconds.
+TINY_MODEL = [
+    "model.hidden_size=32",
+    "model.heads=2",
+    "model.kv_heads=1",
+    "model.vision_dim=32",
+    "model.vision_heads=2",
+    "model.image_size=32",
+    "model.vocab_size=512",
+    "model.matryoshka_dims=[16]",
+]
+
+
 @pytest.fixture(autouse=True)
 def quiet():
     """No progress bars in test output; the CLI tests check --quiet on real processes."""

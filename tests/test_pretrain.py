@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_MODEL
+
 from moon.config import load_config
 from moon.data.tables import read_table
 from moon.model.embedder import Embedder
@@ -28,14 +30,7 @@ from moon.train.pretrain_data import (
 )
 
 FAST = [
-    "model.hidden_size=32",
-    "model.heads=2",
-    "model.kv_heads=1",
-    "model.vision_dim=32",
-    "model.vision_heads=2",
-    "model.image_size=32",
-    "model.vocab_size=512",
-    "model.matryoshka_dims=[16]",
+    *TINY_MODEL,
     "pretrain.batch_size=8",
     "pretrain.warmup_steps=1",
     "pretrain.lr=0.003",

@@ -112,6 +112,22 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int):
     ui.log(f"stage-{stage} embedder -> {run_posttrain(config, run_dir, stage)}")
 
 
+@cli.group(cls=MoonGroup, name="eval")
+def evaluate():
+    """Offline metrics of the run's models."""
+
+
+@evaluate.command("retrieval")
+@stage_command
+def eval_retrieval(config: MoonConfig, run_dir: Path):
+    """Image-based search recall@K of every model in the run, per Matryoshka dimension, with 95% CIs."""
+    from moon.eval.image_search import evaluate as run_eval
+    from moon.eval.image_search import print_results
+
+    print_results(run_eval(config, run_dir))
+    ui.log(f"results -> {run_dir / 'eval' / 'retrieval.json'}")
+
+
 @cli.command()
 @click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current")
 @stage_command

@@ -238,18 +238,30 @@ class PosttrainStage(TrainLoop):
     queue_max_age: int = Field(8, ge=0, description="temporal negatives older than this many steps are not used")
 
 
-def _stage2_defaults() -> PosttrainStage:
-    return PosttrainStage(steps=100, lr=2e-4, warmup_steps=10, hard_negatives=2, queue_size=256)
+# Where the stages differ from the shared defaults; a user's keys are applied over these.
+STAGE_DEFAULTS = {
+    "stage1": {"steps": 600, "lr": 1e-3, "warmup_steps": 30},
+    "stage2": {"steps": 200, "lr": 5e-4, "warmup_steps": 10, "hard_negatives": 2, "queue_size": 256},
+}
 
 
 class PosttrainConfig(Section):
     """Contrastive post-training: stage 1 on the mixed-modality pairs, stage 2 on cleaned purchases."""
 
     from_pretrained: bool = Field(True, description="start stage 1 from the pretraining checkpoint when there is one")
-    stage1: PosttrainStage = Field(default_factory=PosttrainStage, description="stage 1: nine tasks, in-batch negatives")
-    stage2: PosttrainStage = Field(
-        default_factory=_stage2_defaults, description="stage 2: purchases, hard and spatial-temporal negatives"
+    stage1: PosttrainStage = Field(
+        default_factory=lambda: PosttrainStage(**STAGE_DEFAULTS["stage1"]),
+        description="stage 1: nine tasks, in-batch negatives",
     )
+    stage2: PosttrainStage = Field(
+        default_factory=lambda: PosttrainStage(**STAGE_DEFAULTS["stage2"]),
+        description="stage 2: purchases, hard and spatial-temporal negatives",
+    )
+
+    @field_validator("stage1", "stage2", mode="before")
+    @classmethod
+    def _over_stage_defaults(cls, value, info):
+        return {**STAGE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
 
 
 class MoonConfig(Section):

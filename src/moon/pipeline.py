@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from moon import ui
@@ -18,6 +19,8 @@ from moon.data.summary import print_summary
 from moon.data.tables import has_table, read_manifest
 from moon.data.world.simulate import SECTIONS as SIMULATE_SECTIONS
 from moon.data.world.simulate import simulate
+from moon.eval import image_search
+from moon.train import posttrain, pretrain
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Stage:
 
     def is_current(self, config: MoonConfig, run_dir: Path) -> bool:
         digest = config.digest(*self.sections)
-        return all(
+        return bool(self.outputs) and all(
             has_table(run_dir, table) and read_manifest(run_dir, table).get("config_digest") == digest
             for table in self.outputs
         )
@@ -39,6 +42,10 @@ class Stage:
 DEMO: list[Stage] = [
     Stage("simulate", simulate, SIMULATE_SECTIONS, ("items", "item_truth", "users", "events"), print_summary),
     Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report),
+    Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",)),
+    Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",)),
+    Stage("posttrain stage 2", partial(posttrain.posttrain, stage=2), posttrain.SECTIONS, ("models/stage2",)),
+    Stage("eval retrieval", image_search.evaluate, (), (), lambda run_dir: image_search.print_saved(run_dir)),
 ]
 
 

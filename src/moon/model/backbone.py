@@ -9,8 +9,10 @@ the library applies both to the mask and to the attention kernel.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLModel
 
 from moon.config import ModelConfig
@@ -62,8 +64,6 @@ def tiny_config(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Qw
 
 def build_backbone(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen2VLModel:
     """A randomly initialised backbone of the configured sizes, or the local checkpoint."""
-    import torch
-
     if settings.checkpoint:
         path = Path(settings.checkpoint)
         if not (path / "config.json").is_file():
@@ -91,3 +91,50 @@ def grid_side(settings: ModelConfig) -> int:
             f"{SPATIAL_MERGE} x model.patch_size={settings.patch_size}"
         )
     return side
+
+
+def prepare_for_training(model: torch.nn.Module, settings: ModelConfig) -> torch.nn.Module:
+    """Applies the configured LoRA adapters (a peft wrapper is returned) and gradient checkpointing."""
+    if settings.lora_rank > 0:
+        model = _add_lora(model, settings)
+    if settings.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and never needs inputs that require grad
+        base_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _add_lora(model, settings: ModelConfig):
+    from peft import LoraConfig, get_peft_model
+
+    # only the LLM's projections: the vision encoder has modules of other names, but a
+    # user's target list could match some, and LoRA is documented as adapting the LLM
+    targets = "|".join(settings.lora_targets)
+    config = LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=2 * settings.lora_rank,
+        target_modules=rf".*language_model.*\.({targets})",
+        lora_dropout=0.0,  # no randomness: a resumed run must repeat the uninterrupted one
+    )
+    model = get_peft_model(model, config)
+    if settings.dtype == "bfloat16":
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return model
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Qwen2-VL model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain Qwen2-VL model with LoRA adapters merged into its weights (in place)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def autocast(settings: ModelConfig, device: torch.device):
+    """bf16 compute when configured; float32 needs no context."""
+    if settings.dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from moon import ui
 from moon.config import ModelConfig
 from moon.errors import UserError
-from moon.model.backbone import build_backbone, grid_side
+from moon.model.backbone import build_backbone, grid_side, merged
 from moon.model.inputs import Collator, Input
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
 
@@ -54,7 +54,7 @@ class Embedder(torch.nn.Module):
         hidden = self.backbone(**batch, use_cache=False).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled.float(), dim=-1)  # float32 for the loss, whatever the compute dtype
 
     @staticmethod
     def truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
@@ -78,12 +78,9 @@ class Embedder(torch.nn.Module):
         return out
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        (path / SETTINGS_FILE).write_text(json.dumps(self.settings.model_dump(), indent=2) + "\n")
-        return path
+        """Writes the backbone (LoRA adapters merged in), the tokenizer and the settings."""
+        self.backbone = merged(self.backbone)
+        return save_model_dir(path, self.backbone, self.tokenizer, self.settings)
 
     @classmethod
     def load(cls, path: str | Path) -> Embedder:
@@ -92,6 +89,16 @@ class Embedder(torch.nn.Module):
         settings = settings.model_copy(update={"checkpoint": str(path)})
         tokenizer = load_tokenizer(path)
         return cls(build_backbone(settings, tokenizer), tokenizer, settings)
+
+
+def save_model_dir(path: str | Path, model, tokenizer, settings: ModelConfig) -> Path:
+    """A directory `Embedder.load` reads: Hugging Face weights and tokenizer plus `moon_model.json`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(), indent=2) + "\n")
+    return path
 
 
 def _progress(total: int):

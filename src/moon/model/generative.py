@@ -16,8 +16,6 @@ A saved model is a plain Qwen2-VL generative checkpoint plus our tokenizer and
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -25,8 +23,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLForConditionalGeneratio
 
 from moon.config import ModelConfig
 from moon.errors import UserError
-from moon.model.backbone import grid_side, set_bidirectional, tiny_config
-from moon.model.embedder import SETTINGS_FILE
+from moon.model.backbone import base_model, grid_side, merged, prepare_for_training, set_bidirectional, tiny_config
+from moon.model.embedder import save_model_dir
 from moon.model.inputs import Collator
 
 IGNORE = -100  # label of a token that is not predicted (prompt, image, padding)
@@ -40,12 +38,7 @@ def build_generative(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, 
     """
     model = _load_or_init(settings, tokenizer, seed)
     set_bidirectional(model.model, False)  # next-token prediction needs causal attention
-    if settings.lora_rank > 0:
-        model = _add_lora(model, settings)
-    if settings.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (LoRA) and never needs inputs that require grad
-        base_model(model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return prepare_for_training(model, settings)
 
 
 def _load_or_init(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int):
@@ -63,38 +56,6 @@ def _load_or_init(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, see
         )
     grid_side(settings.model_copy(update={"patch_size": model.config.vision_config.patch_size}))
     return model
-
-
-def _add_lora(model, settings: ModelConfig):
-    from peft import LoraConfig, get_peft_model
-
-    # only the LLM's projections: the vision encoder has modules of other names, but a
-    # user's target list could match some, and LoRA is documented as adapting the LLM
-    targets = "|".join(settings.lora_targets)
-    config = LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=2 * settings.lora_rank,
-        target_modules=rf".*language_model.*\.({targets})",
-        lora_dropout=0.0,  # no randomness: a resumed run must repeat the uninterrupted one
-    )
-    model = get_peft_model(model, config)
-    if settings.dtype == "bfloat16":
-        for parameter in model.parameters():
-            if not parameter.requires_grad:
-                parameter.data = parameter.data.to(torch.bfloat16)
-    return model
-
-
-def base_model(model: torch.nn.Module) -> Qwen2VLForConditionalGeneration:
-    """The Qwen2-VL generative model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def autocast(settings: ModelConfig, device: torch.device):
-    """bf16 compute when configured; float32 needs no context."""
-    if settings.dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class AnswerLoss(torch.nn.Module):
@@ -122,24 +83,13 @@ class AnswerLoss(torch.nn.Module):
         return sums, scored.sum(1)
 
 
-def merged(model: torch.nn.Module) -> Qwen2VLForConditionalGeneration:
-    """The plain generative model with LoRA adapters merged into its weights (in place)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
 def save_generative(model, tokenizer: PreTrainedTokenizerBase, settings: ModelConfig, path: str | Path) -> Path:
     """Writes a directory that `Embedder.load` (backbone) and `build_generative` (whole model) read.
 
     LoRA adapters are merged first, so the model can no longer train afterwards.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model = merged(model)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     # the embedder's own attention choice is kept: post-training embeds bidirectionally
-    (path / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(), indent=2) + "\n")
-    return path
+    return save_model_dir(path, merged(model), tokenizer, settings)
 
 
 def make_collator(model, tokenizer: PreTrainedTokenizerBase, settings: ModelConfig) -> Collator:

@@ -55,13 +55,13 @@ class Collator:
                 images.append(item.image)
                 prefix = [self.ids[VISION_START], *[self.ids[IMAGE_PAD]] * self.image_tokens, self.ids[VISION_END]]
             sequences.append(prefix + list(ids) or [self.tokenizer.pad_token_id])
-        batch = self._pad(sequences)
+        batch = self.pad(sequences)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.ids[IMAGE_PAD]).int()
         if images:
             batch["pixel_values"], batch["image_grid_thw"] = self.patchify(images)
         return batch
 
-    def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    def pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

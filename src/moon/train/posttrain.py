@@ -16,6 +16,7 @@ data-parallel; the data order, and therefore the result, depends only on the see
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from moon.config import MoonConfig, PosttrainStage
 from moon.data import schema
 from moon.data.tables import has_table, read_table
 from moon.errors import UserError
-from moon.model.backbone import set_bidirectional
+from moon.model.backbone import autocast, prepare_for_training, set_bidirectional
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews, query_input
@@ -58,6 +59,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     items = ItemViews(read_table(run_dir, "items"))
     pairs = PairTable(_train_pairs(run_dir, stage), items, _product_keys(run_dir, items))
     embedder, source = starting_embedder(config, run_dir, stage, pairs)
+    embedder.backbone = prepare_for_training(embedder.backbone, config.model)
     embedder.to(processes.device).train()
     temperatures = TaskTemperatures(schema.TASKS, settings.temperature, settings.learnable_temperature)
     temperatures.to(processes.device)
@@ -257,12 +259,15 @@ class ContrastiveStep:
         collate, device = self.embedder.collate, self.processes.device
         chunk = self.settings.chunk_size
         if not chunk or chunk >= len(inputs):
-            loss(self.model(_to(collate(inputs), device))).backward()
+            loss(self._encode(_to(collate(inputs), device))).backward()
             return
         chunks = [_to(collate(inputs[i : i + chunk]), device) for i in range(0, len(inputs), chunk)]
-        no_sync = getattr(self.model, "no_sync", None) or _no_sync
-        encode = lambda batch: self.model(batch) if torch.is_grad_enabled() else self.embedder(batch)  # noqa: E731
-        grad_cache_step(encode, [chunks], loss, no_sync)
+        grad_cache_step(self._encode, [chunks], loss, getattr(self.model, "no_sync", nullcontext))
+
+    def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Through DDP when gradients flow (its hooks all-reduce them), directly otherwise."""
+        with autocast(self.embedder.settings, self.processes.device):
+            return self.model(batch) if torch.is_grad_enabled() else self.embedder(batch)
 
     @torch.no_grad()
     def _hard_negatives(self, batch: Batch) -> torch.Tensor | None:
@@ -270,7 +275,7 @@ class ContrastiveStep:
         if not len(batch.hard_keys):
             return None
         chunk = self.settings.chunk_size or len(batch.hard_negatives) or 1
-        local = [self.embedder(_to(self.embedder.collate(batch.hard_negatives[i : i + chunk]), self.processes.device))
+        local = [self._encode(_to(self.embedder.collate(batch.hard_negatives[i : i + chunk]), self.processes.device))
                  for i in range(0, len(batch.hard_negatives), chunk)]
         local = torch.cat(local) if local else torch.empty(0, self.embedder.dim, device=self.processes.device)
         return _gather_uneven(local, len(batch.hard_keys))
@@ -319,9 +324,3 @@ def _data_parallel(embedder: Embedder, processes: Processes):
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
-
-
-def _no_sync():
-    from contextlib import nullcontext
-
-    return nullcontext()

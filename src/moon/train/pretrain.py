@@ -31,7 +31,8 @@ from moon import ui
 from moon.config import ModelConfig, MoonConfig
 from moon.data.tables import read_table
 from moon.errors import UserError
-from moon.model.generative import IGNORE, AnswerLoss, autocast, build_generative, make_collator, save_generative
+from moon.model.backbone import autocast
+from moon.model.generative import IGNORE, AnswerLoss, build_generative, make_collator, save_generative
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
 from moon.train.loop import Checkpoints, Processes, TrainLog, batch_indices, model_dir, optimiser, publish, work_dir
 from moon.train.pretrain_data import Example, PretrainCollator, build_examples, example_texts, split_items

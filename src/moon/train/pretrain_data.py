@@ -119,7 +119,7 @@ class PretrainCollator:
             target = answer[: self.max_answer_tokens] + ([self.tokenizer.eos_token_id] if len(answer) <= self.max_answer_tokens else [])
             sequences.append(prompt + target)
             labels.append([IGNORE] * len(prompt) + target)
-        batch = self.collator._pad(sequences)  # right padding, as the embedder pads
+        batch = self.collator.pad(sequences)  # right padding, as the embedder pads
         batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)
         for row, label in enumerate(labels):
             batch["labels"][row, : len(label)] = torch.tensor(label)

@@ -1,0 +1,150 @@
+"""Post-training: stage 1 and stage 2 train and publish, a killed run resumes, and two real
+torchrun processes train exactly as one process on the whole batch."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_MODEL, TINY_WORLD
+from safetensors.torch import load_file
+
+from moon.config import load_config
+from moon.data.pairs import build_pairs
+from moon.errors import UserError
+from moon.train import posttrain as recipe
+from moon.train.loop import model_dir, read_log, work_dir
+
+TRAIN = [
+    *TINY_WORLD,
+    *TINY_MODEL,
+    "posttrain.from_pretrained=false",
+    "posttrain.stage1.steps=4",
+    "posttrain.stage1.batch_size=8",
+    "posttrain.stage1.warmup_steps=1",
+    "posttrain.stage1.checkpoint_every=2",
+    "posttrain.stage1.log_every=1",
+    "posttrain.stage2.steps=3",
+    "posttrain.stage2.batch_size=4",
+    "posttrain.stage2.warmup_steps=1",
+    "posttrain.stage2.log_every=1",
+    "posttrain.stage2.queue_size=16",
+    "posttrain.stage2.chunk_size=3",
+]
+
+
+def config(*overrides):
+    return load_config(None, [*TRAIN, "name=tiny", *overrides])
+
+
+@pytest.fixture(scope="module")
+def paired_world(tiny_world, tmp_path_factory):
+    """The tiny world with its pair tables; tests copy it before training in it."""
+    run_dir = tmp_path_factory.mktemp("paired")
+    for table in ("items", "item_truth", "users", "events"):
+        shutil.copytree(tiny_world / table, run_dir / table)
+    build_pairs(config(), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(paired_world, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(paired_world, copy)
+    return copy
+
+
+def test_stage_two_needs_stage_one(run_dir):
+    with pytest.raises(UserError, match="posttrain --stage 1"):
+        recipe.posttrain(config(), run_dir, stage=2)
+
+
+def test_stage_one_then_stage_two_train_with_every_negative_source(run_dir):
+    first = recipe.posttrain(config(), run_dir, stage=1)
+    second = recipe.posttrain(config(), run_dir, stage=2)
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["started_from"] == str(first) and manifest["config_digest"] == config().digest(*recipe.SECTIONS)
+
+    log = read_log(work_dir(run_dir, "stage2"))
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    # in-batch (4) plus hard negatives (2 per pair) from step 1, plus the queue from step 2 on
+    assert log[0]["negatives"] > 4 and log[2]["negatives"] > log[0]["negatives"]
+    assert [r["queue"] for r in log] == [4, 8, 12]
+    stage1_log = read_log(work_dir(run_dir, "stage1"))
+    assert all(r["negatives"] <= 7 for r in stage1_log)  # stage 1: in-batch only, same products masked
+
+
+def test_same_product_candidates_are_masked():
+    positives = torch.tensor([[0, 10, 20], [1, 11, 21]])  # (item, SPU, group) of each query's positive
+    candidates = torch.tensor([[0, 10, 20], [1, 11, 21], [5, 10, 25], [6, 16, 21], [7, 17, 27]])
+    masked = recipe._same_product(positives, candidates)
+    assert masked.tolist() == [[True, False, True, False, False], [False, True, False, True, False]]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch):
+    straight_dir = tmp_path / "straight"
+    shutil.copytree(run_dir, straight_dir)
+    straight = recipe.posttrain(config(), straight_dir, stage=1)
+
+    real_call, calls = recipe.ContrastiveStep.__call__, []
+
+    def killed_in_step_3(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the step-2 checkpoint
+        return real_call(self, *args)
+
+    monkeypatch.setattr(recipe.ContrastiveStep, "__call__", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.posttrain(config(), run_dir, stage=1)
+    assert not model_dir(run_dir, "stage1").exists()  # nothing half-published
+    calls.clear()
+    resumed = recipe.posttrain(config(), run_dir, stage=1)
+    assert len(calls) == 2  # steps 3 and 4 only
+
+    weights, expected = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
+    for key in expected:
+        assert torch.equal(weights[key], expected[key]), key
+    assert [r["step"] for r in read_log(work_dir(run_dir, "stage1"))] == [1, 2, 3, 4]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_processes_train_as_one_process_on_the_whole_batch(run_dir, tmp_path):
+    """`torchrun -m moon posttrain`, 2 gloo ranks with half the batch each, spatial negatives,
+    GradCache chunks, hard negatives and the queue: the same stage-2 weights as one process."""
+    single_dir = tmp_path / "single"
+    shutil.copytree(run_dir, single_dir)
+    recipe.posttrain(config(), single_dir, stage=1)
+    recipe.posttrain(config(), single_dir, stage=2)
+
+    halves = ["posttrain.stage1.batch_size=4", "posttrain.stage2.batch_size=2"]
+    for stage in ("1", "2"):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "moon", "posttrain", "--stage", stage, "--quiet", "--run-dir", str(run_dir),
+            *TRAIN, "name=tiny", *halves,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    manifest = json.loads((model_dir(run_dir, "stage2") / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["pairs_seen"] == 3 * 4
+    weights = load_file(model_dir(run_dir, "stage2") / "model.safetensors")
+    expected = load_file(model_dir(single_dir, "stage2") / "model.safetensors")
+    # Adam divides by the root of tiny second moments, so float-summation noise in a gradient
+    # near zero (a rare token's embedding) can move a weight by ~1e-4 over seven steps.
+    for key in expected:
+        torch.testing.assert_close(weights[key], expected[key], atol=2e-4, rtol=1e-3)
+        assert (weights[key] - expected[key]).abs().mean() < 1e-6, key
