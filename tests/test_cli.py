@@ -8,8 +8,11 @@ import sys
 import pyarrow.compute as pc
 from PIL import Image
 
-from conftest import TINY_WORLD, shared_data
+from conftest import TINY_MODEL, TINY_WORLD, shared_data
 from moon.data.tables import read_manifest, read_table
+
+SHORT_TRAINING = ["pretrain.steps=2", "pretrain.batch_size=8", "posttrain.stage1.steps=2",
+                  "posttrain.stage1.batch_size=8", "posttrain.stage2.steps=2", "posttrain.stage2.batch_size=4"]
 
 
 def moon(*args, cwd=None):
@@ -24,7 +27,7 @@ def test_help_lists_the_stages():
 
 
 def test_demo_on_a_tiny_world(tmp_path):
-    result = moon("demo", "--quiet", *TINY_WORLD, cwd=tmp_path)
+    result = moon("demo", "--quiet", *TINY_WORLD, *TINY_MODEL, *SHORT_TRAINING, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for line in ("items", "SPUs", "leaf categories", "users", "events: click", "CTR", "share of new items", "image queries"):
         assert line in result.stdout
@@ -34,8 +37,11 @@ def test_demo_on_a_tiny_world(tmp_path):
     run_dir = tmp_path / "runs" / "demo"
     assert read_table(run_dir, "items").num_rows == 240
     assert read_table(run_dir, "pairs_stage2").num_rows > 0
-    again = moon("demo", *TINY_WORLD, cwd=tmp_path)  # outputs are current: the stage is skipped
-    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 2
+    for model in ("baseline", "untrained", "pretrain", "stage1", "stage2"):
+        assert model in result.stdout  # the recall table
+    assert set(json.loads((run_dir / "eval" / "retrieval.json").read_text())["models"]) >= {"baseline", "stage2"}
+    again = moon("demo", *TINY_WORLD, *TINY_MODEL, *SHORT_TRAINING, cwd=tmp_path)  # current stages are skipped
+    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 5
 
 
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):

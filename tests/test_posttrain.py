@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_MODEL, TINY_WORLD
 from safetensors.torch import load_file
 
+from conftest import TINY_MODEL, TINY_WORLD
 from moon.config import load_config
 from moon.data.pairs import build_pairs
 from moon.errors import UserError

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL
-
 from moon.config import load_config
 from moon.data.tables import read_table
 from moon.model.embedder import Embedder

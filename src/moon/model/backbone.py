@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLModel
 
+from transformers.utils import logging as hf_logging
+
 from moon.config import ModelConfig
 from moon.errors import UserError
 from moon.model.tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, special_ids
@@ -69,7 +71,10 @@ def build_backbone(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, se
         if not (path / "config.json").is_file():
             raise UserError(f"model.checkpoint {path} has no config.json: point it at a local Qwen2-VL directory")
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, config=config, local_files_only=True, attn_implementation=settings.attn_implementation)
+        with _quiet_transformers():  # a generative checkpoint's unused LM head is expected, not news
+            model = AutoModel.from_pretrained(
+                path, config=config, local_files_only=True, attn_implementation=settings.attn_implementation
+            )
     else:
         torch.manual_seed(seed)
         model = Qwen2VLModel._from_config(tiny_config(settings, tokenizer), attn_implementation=settings.attn_implementation)
@@ -138,3 +143,13 @@ def autocast(settings: ModelConfig, device: torch.device):
     if settings.dtype == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
