@@ -44,7 +44,7 @@ def trainer(run_dir: Path, stage: int, overrides: list[str]):
     config = load_config(None, overrides)
     settings = getattr(config.posttrain, f"stage{stage}")
     items = ItemViews(read_table(run_dir, "items"))
-    pairs = recipe.PairTable(recipe._train_pairs(run_dir, stage), items, recipe._product_keys(run_dir, items))
+    pairs = recipe.PairTable(recipe.train_pairs(run_dir, stage), items, recipe.product_keys(run_dir, items))
     embedder = Embedder.create(config.model, items.texts(), seed=0)
     temperatures = TaskTemperatures(recipe.schema.TASKS, settings.temperature)
     optim, _ = optimiser([*embedder.parameters(), *temperatures.parameters()], settings)

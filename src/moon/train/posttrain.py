@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -57,7 +58,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     settings: PosttrainStage = getattr(config.posttrain, STAGES[stage])
     processes = Processes.start()
     items = ItemViews(read_table(run_dir, "items"))
-    pairs = PairTable(_train_pairs(run_dir, stage), items, _product_keys(run_dir, items))
+    pairs = PairTable(train_pairs(run_dir, stage), items, product_keys(run_dir, items))
     embedder, source = starting_embedder(config, run_dir, stage, pairs)
     embedder.backbone = prepare_for_training(embedder.backbone, config.model)
     embedder.to(processes.device).train()
@@ -126,15 +127,15 @@ def starting_embedder(config: MoonConfig, run_dir: Path, stage: int, pairs: Pair
     return embedder, str(source)
 
 
-def _train_pairs(run_dir: Path, stage: int) -> pa.Table:
+def train_pairs(run_dir: Path, stage: int) -> pa.Table:
     name = f"pairs_stage{stage}"
     if not has_table(run_dir, name):
         raise UserError(f"no {name} table in {run_dir}: run `moon pairs` first")
     table = read_table(run_dir, name)
-    return table.filter(pa.compute.equal(table["split"], "train"))
+    return table.filter(pc.equal(table["split"], "train"))
 
 
-def _product_keys(run_dir: Path, items: ItemViews) -> torch.Tensor:
+def product_keys(run_dir: Path, items: ItemViews) -> torch.Tensor:
     """Per catalogue row: (item, SPU, near-duplicate group) codes; equal codes = same product."""
     table = read_table(run_dir, "items", columns=["spu_id"])
     _, spu = np.unique(np.array(table["spu_id"].to_pylist(), dtype=object), return_inverse=True)
