@@ -25,8 +25,8 @@ from moon.data.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.train import posttrain as recipe
-from moon.train.losses import TaskTemperatures
 from moon.train.loop import Processes, global_batch_indices, optimiser
+from moon.train.losses import TaskTemperatures
 from moon.train.negatives import EmbeddingQueue
 
 

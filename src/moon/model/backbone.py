@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, Qwen2VLConfig, Qwen2VLModel
-
 from transformers.utils import logging as hf_logging
 
 from moon.config import ModelConfig
