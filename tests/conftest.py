@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ TINY_MODEL = [
     "model.vocab_size=512",
     "model.matryoshka_dims=[16]",
 ]
+
+
+def free_port() -> int:
+    """A loopback port for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

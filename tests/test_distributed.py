@@ -1,7 +1,6 @@
 """Two real `torchrun` CPU processes (gloo) give the loss and gradients of one process on the whole batch."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +8,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port
 from moon.train.losses import info_nce
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker as worker  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_with_spatial_negatives_equal_one_process_on_the_concatenated_batch(tmp_path):

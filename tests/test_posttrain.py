@@ -4,7 +4,6 @@ torchrun processes train exactly as one process on the whole batch."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, TINY_WORLD
+from conftest import TINY_MODEL, TINY_WORLD, free_port
 from moon.config import load_config
 from moon.data.pairs import build_pairs
 from moon.errors import UserError
@@ -112,11 +111,6 @@ def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch
         assert torch.equal(weights[key], expected[key]), key
     assert [r["step"] for r in read_log(work_dir(run_dir, "stage1"))] == [1, 2, 3, 4]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_torchrun_processes_train_as_one_process_on_the_whole_batch(run_dir, tmp_path):

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, free_port
 from moon.config import load_config
 from moon.data.tables import read_table
 from moon.model.embedder import Embedder
@@ -247,11 +246,6 @@ def test_examples_use_every_configured_task_and_only_those(items):
     assert build_examples(items, [5], ["title"])[0].answer == items.column("title")[5].as_py()
     assert isinstance(items.column("image"), pa.ChunkedArray)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DDP_WORKER = """

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from moon.config import TrainLoop
 from moon.data.tables import MANIFEST, utc_now
@@ -72,6 +73,13 @@ class Processes:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def data_parallel(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """The module under DDP when there are several processes; itself otherwise."""
+        if self.world_size == 1:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -24,6 +24,23 @@ def gather_from_ranks(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_uneven(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's rows (detached), in rank order, when ranks hold different numbers of rows
+    (hard negatives); `total` is the number all ranks hold together."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
+    width = max(int(s) for s in sizes)
+    padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    gathered = torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
+    assert len(gathered) == total, (len(gathered), total)
+    return gathered
+
+
 class EmbeddingQueue:
     """Item embeddings of past steps (detached), with the integer keys that identify their
     product (e.g. item, SPU and near-duplicate group codes) for false-negative masking.

@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from moon import ui
 from moon.config import MoonConfig, PosttrainStage
@@ -47,7 +46,7 @@ from moon.train.loop import (
     work_dir,
 )
 from moon.train.losses import TaskTemperatures, info_nce, matryoshka
-from moon.train.negatives import EmbeddingQueue, gather_from_ranks
+from moon.train.negatives import EmbeddingQueue, gather_from_ranks, gather_uneven
 
 SECTIONS = ("world", "behaviour", "ingest", "pairs", "model", "pretrain", "posttrain")
 STAGES = {1: "stage1", 2: "stage2"}
@@ -64,7 +63,8 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     embedder.to(processes.device).train()
     temperatures = TaskTemperatures(schema.TASKS, settings.temperature, settings.learnable_temperature)
     temperatures.to(processes.device)
-    model = _data_parallel(embedder, processes)
+    # text-only batches leave the vision tower unused, hence find_unused_parameters
+    model = processes.data_parallel(embedder, find_unused_parameters=True)
     optim, schedule = optimiser([*embedder.parameters(), *temperatures.parameters()], settings)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
     state = {"model": embedder, "temperatures": temperatures, "optimiser": optim, "schedule": schedule, "queue": queue}
@@ -279,7 +279,7 @@ class ContrastiveStep:
         local = [self._encode(_to(self.embedder.collate(batch.hard_negatives[i : i + chunk]), self.processes.device))
                  for i in range(0, len(batch.hard_negatives), chunk)]
         local = torch.cat(local) if local else torch.empty(0, self.embedder.dim, device=self.processes.device)
-        return _gather_uneven(local, len(batch.hard_keys))
+        return gather_uneven(local, len(batch.hard_keys))
 
     def _stats(self, batch: Batch, record: dict, masked: torch.Tensor) -> dict:
         per_pair = record["per_pair"].cpu().numpy()
@@ -295,32 +295,6 @@ class ContrastiveStep:
 def _same_product(positive_keys: torch.Tensor, candidate_keys: torch.Tensor) -> torch.Tensor:
     """(B, N): candidate j is the same product as query i's positive (item, SPU or group)."""
     return (positive_keys[:, None, :] == candidate_keys[None, :, :]).any(-1)
-
-
-def _gather_uneven(local: torch.Tensor, total: int) -> torch.Tensor:
-    """Rows of every rank when ranks hold different numbers of rows (hard negatives)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
-    width = max(int(s) for s in sizes)
-    padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    gathered = torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
-    assert len(gathered) == total, (len(gathered), total)
-    return gathered
-
-
-def _data_parallel(embedder: Embedder, processes: Processes):
-    if processes.world_size == 1:
-        return embedder
-    # Text-only batches leave the vision tower unused, hence find_unused_parameters.
-    device_ids = [processes.device.index] if processes.device.type == "cuda" else None
-    return DistributedDataParallel(embedder, device_ids=device_ids, find_unused_parameters=True)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

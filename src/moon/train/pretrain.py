@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from moon import ui
 from moon.config import ModelConfig, MoonConfig
@@ -68,7 +67,7 @@ def pretrain(config: MoonConfig, run_dir: Path) -> Path:
     model = build_generative(settings, tokenizer, config.seed).to(processes.device)
     loss_fn = AnswerLoss(model)
     collate = PretrainCollator(make_collator(model, tokenizer, settings), items.column("image"), loop.max_answer_tokens)
-    trained = DistributedDataParallel(loss_fn, device_ids=_device_ids(processes)) if processes.world_size > 1 else loss_fn
+    trained = processes.data_parallel(loss_fn)
     optim, schedule = optimiser(loss_fn.parameters(), loop)
     state = {"model": loss_fn, "optimiser": optim, "schedule": schedule}
 
@@ -253,7 +252,3 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _device_ids(processes: Processes) -> list[int] | None:
-    return [processes.device.index] if processes.device.type == "cuda" else None
