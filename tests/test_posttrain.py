@@ -7,15 +7,20 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_MODEL, TINY_WORLD, free_port
 from moon.config import load_config
 from moon.data.pairs import build_pairs
+from moon.data.tables import read_table
 from moon.errors import UserError
+from moon.model.views import ItemViews
 from moon.train import posttrain as recipe
+from moon.train.augment import augment
 from moon.train.loop import model_dir, read_log, work_dir
 
 TRAIN = [
@@ -27,6 +32,8 @@ TRAIN = [
     "posttrain.stage1.warmup_steps=1",
     "posttrain.stage1.checkpoint_every=2",
     "posttrain.stage1.log_every=1",
+    "posttrain.stage1.catalogue_pairs=0.5",
+    "posttrain.stage1.symmetric=true",
     "posttrain.stage2.steps=3",
     "posttrain.stage2.batch_size=4",
     "posttrain.stage2.warmup_steps=1",
@@ -83,6 +90,46 @@ def test_same_product_candidates_are_masked():
     candidates = torch.tensor([[0, 10, 20], [1, 11, 21], [5, 10, 25], [6, 16, 21], [7, 17, 27]])
     masked = recipe._same_product(positives, candidates)
     assert masked.tolist() == [[True, False, True, False, False], [False, True, False, True, False]]
+
+
+def pair_table(run_dir, share=0.0, augment_size=None):
+    items = ItemViews(read_table(run_dir, "items"))
+    return recipe.PairTable(recipe.train_pairs(run_dir, 1), items, recipe.product_keys(run_dir, items), share,
+                            augment_size)
+
+
+def test_catalogue_self_pairs_find_their_own_item_from_an_augmented_image(run_dir):
+    plain, mixed = pair_table(run_dir), pair_table(run_dir, share=0.25, augment_size=32)
+    added = len(mixed) - len(plain)
+    assert added == round(len(plain) / 3)  # a quarter of the whole
+    rows = np.arange(len(plain), len(mixed))
+    batch = mixed.batch(rows[None, :4], 0, 0, np.random.default_rng(0))
+    assert batch.tasks == [recipe.CATALOGUE_TASK] * 4
+    assert batch.positive_keys[:, 0].tolist() == [0, 1, 2, 3]  # the first items, each its own positive
+    for query, positive in zip(batch.queries, batch.positives):
+        assert query.text is None and query.image.size == (32, 32)
+        assert positive.text and positive.image is not None  # the served richer-text+image view
+    again = mixed.batch(rows[None, :4], 0, 0, np.random.default_rng(0))
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(batch.queries, again.queries))
+
+
+def test_each_query_gets_the_same_augmentation_on_any_number_of_processes(run_dir):
+    pairs = pair_table(run_dir, share=0.5, augment_size=32)
+    indices = np.arange(len(pairs) - 6, len(pairs))
+    whole = pairs.batch(indices[None, :], 0, 0, np.random.default_rng(7))
+    ranks = [pairs.batch(indices.reshape(2, 3), rank, 0, np.random.default_rng(7)) for rank in (0, 1)]
+    split = [query for batch in ranks for query in batch.queries]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(whole.queries, split))
+
+
+def test_augmented_views_are_seeded_and_vary():
+    image = Image.new("RGB", (96, 96), (200, 30, 30))
+    image.paste((20, 20, 200), (30, 30, 66, 66))
+    first, again = augment(image, np.random.default_rng(1), 48), augment(image, np.random.default_rng(1), 48)
+    other = augment(image, np.random.default_rng(2), 48)
+    assert first.size == (48, 48) and first.mode == "RGB"
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
 
 
 def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch):

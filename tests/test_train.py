@@ -102,3 +102,13 @@ def test_grad_cache_gives_the_full_batch_gradients(embedder):
     assert expected
     for name, grad in expected.items():
         torch.testing.assert_close(dict(embedder.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_symmetric_info_nce_adds_the_positive_finding_its_query():
+    q = unit([[1.0, 0.0], [0.0, 1.0]])
+    c = unit([[1.0, 0.1], [0.2, 1.0], [1.0, 1.0]])  # the third candidate takes no part backwards
+    t = 0.5
+    backward = (c[:2] @ q.T / t).numpy()  # row j: positive j against every query
+    expected_backward = [-(backward[j, j] - math.log(np.exp(backward[j]).sum())) for j in range(2)]
+    expected = (info_nce(q, c, t).numpy() + expected_backward) / 2
+    np.testing.assert_allclose(info_nce(q, c, t, symmetric=True).numpy(), expected, rtol=1e-5)

@@ -226,6 +226,7 @@ class PosttrainStage(TrainLoop):
 
     temperature: float = Field(0.05, gt=0, description="initial InfoNCE temperature of every task")
     learnable_temperature: bool = Field(True, description="learn one temperature per task (else keep it fixed)")
+    symmetric: bool = Field(False, description="also train each positive to find its query among the batch's queries")
     task_weights: dict[str, float] = Field({}, description="loss weight by task; a task left out weighs 1")
     matryoshka_weights: list[float] | None = Field(
         None, description="loss weight per Matryoshka dim (model dims, then full); null: equal weights"
@@ -236,11 +237,20 @@ class PosttrainStage(TrainLoop):
     spatial_negatives: bool = Field(True, description="gather item embeddings from every rank as negatives")
     queue_size: int = Field(0, ge=0, description="temporal negatives: item embeddings kept from past steps; 0: none")
     queue_max_age: int = Field(8, ge=0, description="temporal negatives older than this many steps are not used")
+    augment_images: bool = Field(
+        True, description="show image queries as a new random view every step (crop, rotation, colour, blur, JPEG)"
+    )
+    catalogue_pairs: float = Field(
+        0.0, ge=0, lt=1, description="share of training pairs that are catalogue self-pairs: an augmented "
+        "catalogue image as the query, its own item (richer-text+image) as the positive",
+    )
 
 
 # Where the stages differ from the shared defaults; a user's keys are applied over these.
 STAGE_DEFAULTS = {
-    "stage1": {"steps": 600, "lr": 1e-3, "warmup_steps": 30},
+    # Image search guides the model, and photo queries are few: most stage-1 pairs are
+    # catalogue self-pairs that teach the photo invariances.
+    "stage1": {"steps": 600, "lr": 1e-3, "warmup_steps": 30, "catalogue_pairs": 0.8},
     "stage2": {"steps": 200, "lr": 5e-4, "warmup_steps": 10, "hard_negatives": 2, "queue_size": 256},
 }
 

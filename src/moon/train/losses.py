@@ -15,13 +15,16 @@ def info_nce(
     candidates: torch.Tensor,
     temperature: torch.Tensor | float,
     false_negatives: torch.Tensor | None = None,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """Per-query InfoNCE loss. Row i's positive is candidates[i]; every other candidate is a
     negative unless `false_negatives[i, j]` says it is the same product (same item, SPU or
     near-duplicate group), in which case it is left out of the softmax.
 
     queries (B, d) and candidates (N >= B, d) are L2-normalised; temperature is a scalar
-    or a (B,) tensor (one per query, e.g. by task).
+    or a (B,) tensor (one per query, e.g. by task). `symmetric` adds, per pair, the loss of
+    its positive finding its query among the batch's queries (as CLIP does), halved with
+    the forward loss; extra candidates (hard, queued) take no part in that direction.
     """
     batch = queries.shape[0]
     logits = queries @ candidates.T
@@ -31,7 +34,14 @@ def info_nce(
         keep_positive = torch.zeros_like(false_negatives)
         keep_positive[torch.arange(batch), torch.arange(batch)] = True
         logits = logits.masked_fill(false_negatives & ~keep_positive, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(batch, device=logits.device), reduction="none")
+    targets = torch.arange(batch, device=logits.device)
+    forward = F.cross_entropy(logits, targets, reduction="none")
+    if not symmetric:
+        return forward
+    # Column j of the in-batch block scores positive j against every query; the masks are
+    # symmetric there because false negatives are defined between products.
+    backward = F.cross_entropy(logits[:, :batch].T, targets, reduction="none")
+    return (forward + backward) / 2
 
 
 def matryoshka(

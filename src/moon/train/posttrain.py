@@ -34,6 +34,7 @@ from moon.model.backbone import autocast, prepare_for_training, set_bidirectiona
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews, query_input
+from moon.train.augment import augment
 from moon.train.grad_cache import grad_cache_step
 from moon.train.loop import (
     Checkpoints,
@@ -50,6 +51,7 @@ from moon.train.negatives import EmbeddingQueue, gather_from_ranks, gather_uneve
 
 SECTIONS = ("world", "behaviour", "ingest", "pairs", "model", "pretrain", "posttrain")
 STAGES = {1: "stage1", 2: "stage2"}
+CATALOGUE_TASK = "image->richer-text+image"  # a catalogue self-pair: the item's image finds the item
 
 
 def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
@@ -57,7 +59,8 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     settings: PosttrainStage = getattr(config.posttrain, STAGES[stage])
     processes = Processes.start()
     items = ItemViews(read_table(run_dir, "items"))
-    pairs = PairTable(train_pairs(run_dir, stage), items, product_keys(run_dir, items))
+    pairs = PairTable(train_pairs(run_dir, stage), items, product_keys(run_dir, items), settings.catalogue_pairs,
+                      config.model.image_size if settings.augment_images else None)
     embedder, source = starting_embedder(config, run_dir, stage, pairs)
     embedder.backbone = prepare_for_training(embedder.backbone, config.model)
     embedder.to(processes.device).train()
@@ -161,12 +164,18 @@ class Batch:
 
 
 class PairTable:
-    """The training pairs of a stage, turned into inputs for the embedder."""
+    """The training pairs of a stage, turned into inputs for the embedder.
 
-    def __init__(self, table: pa.Table, items: ItemViews, keys: torch.Tensor):
+    `catalogue_share` of the pairs are catalogue self-pairs (an item's own image as the
+    query, augmented, and the item as the positive), added after the behaviour pairs.
+    With `augment_size`, every image query is a new random view of size x size pixels.
+    """
+
+    def __init__(self, table: pa.Table, items: ItemViews, keys: torch.Tensor, catalogue_share: float = 0.0,
+                 augment_size: int | None = None):
         if table.num_rows == 0:
             raise UserError("the pair table has no training pairs: simulate more behaviour or lower pairs.test_days")
-        self.items, self.keys = items, keys
+        self.items, self.keys, self.augment_size = items, keys, augment_size
         self.tasks = table["task"].to_pylist()
         self.query_views = table["query_view"].to_pylist()
         self.query_texts_ = table["query_text"].to_pylist()
@@ -175,7 +184,21 @@ class PairTable:
         self.positive_rows = items.rows(table["pos_item_id"].to_pylist())
         self.item_views = table["item_view"].to_pylist()
         self.hard_rows = [items.rows(ids) for ids in table["hard_neg_item_ids"].to_pylist()]
-        self.weights = torch.tensor(table["weight"].to_numpy(), dtype=torch.float32)
+        self.weights = table["weight"].to_numpy()
+        self._add_catalogue_pairs(round(table.num_rows * catalogue_share / (1 - catalogue_share)))
+        self.weights = torch.tensor(self.weights, dtype=torch.float32)
+
+    def _add_catalogue_pairs(self, count: int) -> None:
+        rows = np.arange(count) % len(self.items)
+        self.tasks += [CATALOGUE_TASK] * count
+        self.query_views += ["image"] * count
+        self.query_texts_ += [None] * count
+        self.query_images += [self.items.images[row] for row in rows]
+        self.query_rows += [None] * count
+        self.positive_rows = np.concatenate([self.positive_rows, rows])
+        self.item_views += [CATALOGUE_TASK.split("->")[1]] * count
+        self.hard_rows += [rows[:0]] * count
+        self.weights = np.concatenate([self.weights, np.ones(count, dtype=np.float32)])
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -188,11 +211,12 @@ class PairTable:
         Hard negatives are drawn for every rank from one seeded stream, so all ranks agree."""
         flat = indices.reshape(-1)
         hard = [self._hard(i, hard_per_pair, rng) for i in flat]
+        views = rng.integers(2**63, size=indices.shape)[rank]  # each query's augmentation, the same on any world size
         mine = indices[rank]
         my_hard = [(int(i), row) for i, rows in zip(mine, hard[rank * len(mine) : (rank + 1) * len(mine)]) for row in rows]
         hard_rows = np.array([row for rows in hard for row in rows], dtype=np.int64)
         return Batch(
-            queries=[self._query(int(i)) for i in mine],
+            queries=[self._query(int(i), view) for i, view in zip(mine, views)],
             positives=[self.items.input(self.positive_rows[i], self.item_views[i]) for i in mine],
             hard_negatives=[self.items.input(row, self.item_views[i]) for i, row in my_hard],
             tasks=[self.tasks[i] for i in flat],
@@ -201,8 +225,11 @@ class PairTable:
             hard_keys=self.keys[hard_rows] if len(hard_rows) else self.keys[:0],
         )
 
-    def _query(self, i: int) -> Input:
-        return query_input(self.query_views[i], self.query_texts_[i], self.query_images[i], self.query_rows[i], self.items)
+    def _query(self, i: int, view_seed: int) -> Input:
+        query = query_input(self.query_views[i], self.query_texts_[i], self.query_images[i], self.query_rows[i], self.items)
+        if self.augment_size and self.query_views[i] == "image":
+            query = Input(None, augment(query.image, np.random.default_rng(view_seed), self.augment_size))
+        return query
 
     def _hard(self, i: int, count: int, rng: np.random.Generator) -> np.ndarray:
         rows = self.hard_rows[i]
@@ -240,7 +267,7 @@ class ContrastiveStep:
             temperature = self.temperatures(batch.tasks)
 
             def weighted_info_nce(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-                per_pair = info_nce(q, c, temperature, masked)
+                per_pair = info_nce(q, c, temperature, masked, self.settings.symmetric)
                 record["per_pair"] = per_pair.detach()  # the last, full dimension's, is logged per task
                 return (per_pair * weights).sum() / weights.sum()
 
