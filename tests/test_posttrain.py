@@ -39,6 +39,7 @@ TRAIN = [
     "posttrain.stage2.warmup_steps=1",
     "posttrain.stage2.log_every=1",
     "posttrain.stage2.queue_size=16",
+    "posttrain.stage2.hard_negatives=2",
     "posttrain.stage2.chunk_size=3",
 ]
 
@@ -120,6 +121,16 @@ def test_each_query_gets_the_same_augmentation_on_any_number_of_processes(run_di
     ranks = [pairs.batch(indices.reshape(2, 3), rank, 0, np.random.default_rng(7)) for rank in (0, 1)]
     split = [query for batch in ranks for query in batch.queries]
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(whole.queries, split))
+
+
+def test_a_fraction_of_a_hard_negative_per_pair_is_a_chance_of_one(run_dir):
+    items = ItemViews(read_table(run_dir, "items"))
+    table = recipe.train_pairs(run_dir, 2)
+    pairs = recipe.PairTable(table, items, recipe.product_keys(run_dir, items))
+    with_hard = np.flatnonzero([len(rows) > 0 for rows in pairs.hard_rows])
+    batch = pairs.batch(np.resize(with_hard, 400)[None, :], 0, 0.5, np.random.default_rng(0))
+    assert 150 < len(batch.hard_keys) < 250
+    assert len(pairs.batch(with_hard[None, :3], 0, 2, np.random.default_rng(0)).hard_keys) <= 6
 
 
 def test_augmented_views_are_seeded_and_vary():

@@ -231,8 +231,9 @@ class PosttrainStage(TrainLoop):
     matryoshka_weights: list[float] | None = Field(
         None, description="loss weight per Matryoshka dim (model dims, then full); null: equal weights"
     )
-    hard_negatives: int = Field(
-        0, ge=0, description="hard negatives per pair drawn from the pair table (embedded without gradient)"
+    hard_negatives: float = Field(
+        0, ge=0, description="hard negatives per pair, on average, drawn from the pair table and embedded without "
+        "gradient (0.5: every other pair brings one); each costs an item forward pass",
     )
     spatial_negatives: bool = Field(True, description="gather item embeddings from every rank as negatives")
     queue_size: int = Field(0, ge=0, description="temporal negatives: item embeddings kept from past steps; 0: none")
@@ -251,7 +252,7 @@ STAGE_DEFAULTS = {
     # Image search guides the model, and photo queries are few: most stage-1 pairs are
     # catalogue self-pairs that teach the photo invariances.
     "stage1": {"steps": 600, "lr": 1e-3, "warmup_steps": 30, "catalogue_pairs": 0.8},
-    "stage2": {"steps": 200, "lr": 5e-4, "warmup_steps": 10, "hard_negatives": 2, "queue_size": 256},
+    "stage2": {"steps": 200, "lr": 5e-4, "warmup_steps": 10, "hard_negatives": 0.5, "queue_size": 256},
 }
 
 

@@ -206,7 +206,7 @@ class PairTable:
     def query_texts(self) -> list[str]:
         return [text for text in self.query_texts_ if text]
 
-    def batch(self, indices: np.ndarray, rank: int, hard_per_pair: int, rng: np.random.Generator) -> Batch:
+    def batch(self, indices: np.ndarray, rank: int, hard_per_pair: float, rng: np.random.Generator) -> Batch:
         """`indices` is the global batch, (ranks, pairs per rank); `rank` says which row is ours.
         Hard negatives are drawn for every rank from one seeded stream, so all ranks agree."""
         flat = indices.reshape(-1)
@@ -231,8 +231,9 @@ class PairTable:
             query = Input(None, augment(query.image, np.random.default_rng(view_seed), self.augment_size))
         return query
 
-    def _hard(self, i: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    def _hard(self, i: int, per_pair: float, rng: np.random.Generator) -> np.ndarray:
         rows = self.hard_rows[i]
+        count = int(per_pair) + int(rng.random() < per_pair % 1)  # the fraction is a chance of one more
         if count == 0 or len(rows) == 0:
             return rows[:0]
         return rng.choice(rows, size=min(count, len(rows)), replace=False)
