@@ -1,0 +1,1 @@
+"""Versioned representation store and the vector index over it."""
