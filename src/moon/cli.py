@@ -8,6 +8,7 @@ A user error prints one line and exits with status 2.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -110,6 +111,22 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int):
     from moon.train.posttrain import posttrain as run_posttrain
 
     ui.log(f"stage-{stage} embedder -> {run_posttrain(config, run_dir, stage)}")
+
+
+@cli.command()
+@click.option("--model", help="stage (stage2, stage1, pretrain) or model directory "
+              "(default: the latest trained stage; with --incremental: the model that made the version)")
+@click.option("--incremental", is_flag=True, help="embed only the catalogue items the version lacks and add them to it")
+@click.option("--version", "version", help="store version to make or resume (default: the unfinished or current one "
+              "of this model and catalogue, else a new v<N>-<model>); with --incremental, the one to add to")
+@stage_command
+def embed(config: MoonConfig, run_dir: Path, model: str | None, incremental: bool, version: str | None):
+    """Embed the catalogue into a representation store version (resumable; run under torchrun for several processes)."""
+    from moon.represent import embed_catalogue
+
+    stored = embed_catalogue(config, run_dir, model=model, version=version, incremental=incremental)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+        click.echo(f"store version {stored.path}: {len(stored):,} items")
 
 
 @cli.group(cls=MoonGroup, name="eval")

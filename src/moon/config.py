@@ -275,6 +275,15 @@ class PosttrainConfig(Section):
         return {**STAGE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
 
 
+class StoreConfig(Section):
+    """The representation store: catalogue vectors in versioned, partitioned float16 shards (`moon embed`)."""
+
+    partitions: int = Field(
+        16, gt=0, description="shards a version's catalogue is split into: the unit of resume and of work per process"
+    )
+    batch_size: int = Field(64, gt=0, description="items embedded per forward pass")
+
+
 class MoonConfig(Section):
     """A whole run: the name of its run directory, the seed, and one section per stage."""
 
@@ -287,6 +296,7 @@ class MoonConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="backbone and embedding")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="domain-knowledge pretraining")
     posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig, description="contrastive post-training")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="versioned catalogue representations")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""

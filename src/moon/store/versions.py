@@ -1,0 +1,303 @@
+"""The versioned representation store: one vector per catalogue item and model, in float16 shards.
+
+Layout, inside the run directory:
+
+    store/
+      v1-stage2/                        version 1, made by the stage-2 model
+        plan.json                       what the version is made from; written first
+        part-00000.parquet              partition 0 of `partitions`: (item_id, vector) rows
+        ...
+        part-inc-20260105T101500123456Z.parquet   items added later (`moon embed --incremental`)
+        manifest.json                   written last; it lists the shards and their counts
+      v2-stage2/
+
+**Names.** A version is `v<N>-<model label>`: N is one more than the highest N in the store
+(finished or not), so names sort by age and say which model made them. `latest()` is the
+finished version with the highest N.
+
+**Atomicity.** Every file appears by `os.replace` of a fully written hidden temporary file
+`.<name>.tmp-<pid>`: a reader never sees half a shard, and a killed writer leaves only
+temporary files, which the next writer removes. A version without `manifest.json` is still
+being made and readers ignore it. A reader trusts the manifest's shard list only, so a shard
+written by an add that was killed before it updated the manifest stays invisible.
+
+**Vectors.** The full dimension, L2-normalised, stored as Arrow `fixed_size_list<halffloat>[dim]`:
+Parquet keeps the values in its FLOAT16 logical type (2-byte fixed-length values; pyarrow >= 15
+writes and reads it and restores the list type from the stored Arrow schema), half the bytes
+of float32 at ~1e-3 relative precision. Readers get float32, re-normalised; a Matryoshka dim
+is the re-normalised prefix, so one stored vector serves every dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moon.data.tables import MANIFEST, utc_now
+from moon.errors import UserError
+
+STORE = "store"
+PLAN = "plan.json"
+DTYPE = "float16"
+NAME = re.compile(r"^v(\d+)-[A-Za-z0-9_.-]+$")
+# A run with the same values of these continues (or reuses) a version instead of making a new one.
+PLAN_KEYS = ("checkpoint_digest", "items_digest", "partitions", "item_view", "bidirectional", "dtype")
+
+
+def shard_name(partition: int) -> str:
+    return f"part-{partition:05d}.parquet"
+
+
+def partition_bounds(items: int, partitions: int, partition: int) -> tuple[int, int]:
+    """Catalogue rows [start, stop) of a partition: contiguous, so a partition is one cheap read."""
+    return partition * items // partitions, (partition + 1) * items // partitions
+
+
+def checkpoint_digest(model_dir: Path) -> str:
+    """Hash of a model directory's weight files: which weights made a version, wherever they live now."""
+    files = sorted(p for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise UserError(f"{model_dir} has no weight files (*.safetensors, *.bin): point --model at a model directory")
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            digest.update(file.name.encode() + hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, item_ids: Sequence[str], vectors: np.ndarray) -> int:
+    """Writes L2-normalised float16 vectors to a hidden temporary file, then renames it to `path`."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(item_ids):
+        raise ValueError(f"{len(item_ids)} item ids need a ({len(item_ids)}, dim) array, got {vectors.shape}")
+    vectors = normalise(vectors).astype(np.float16)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), type=pa.float16()), vectors.shape[1])
+    table = pa.table({"item_id": pa.array(list(item_ids), type=pa.string()), "vector": column})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return table.num_rows
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def remove_temporary(folder: Path) -> None:
+    """Removes what killed writers left: hidden temporary files, never visible shards."""
+    for stale in folder.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+class Store:
+    """The versions in one run directory's `store/`."""
+
+    def __init__(self, run_dir: Path):
+        self.root = Path(run_dir) / STORE
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def names(self) -> list[str]:
+        """Every version folder, finished or not, oldest (lowest N) first."""
+        found = [p.name for p in self.root.glob("v*") if p.is_dir() and NAME.match(p.name)]
+        return sorted(found, key=lambda name: (int(NAME.match(name).group(1)), name))
+
+    def versions(self) -> list[str]:
+        """Finished versions, oldest first."""
+        return [name for name in self.names() if (self.path(name) / MANIFEST).exists()]
+
+    def in_progress(self) -> list[str]:
+        return [name for name in self.names() if not (self.path(name) / MANIFEST).exists()]
+
+    def latest(self) -> StoreVersion:
+        finished = self.versions()
+        if not finished:
+            raise UserError(f"no finished representation store version in {self.root}: run `moon embed` first")
+        return self.open(finished[-1])
+
+    def open(self, name: str) -> StoreVersion:
+        if not (self.path(name) / MANIFEST).exists():
+            state = "is still being made (run `moon embed` to finish it)" if self.path(name).is_dir() else "does not exist"
+            raise UserError(f"store version {name} {state}; finished versions: {', '.join(self.versions()) or 'none'}")
+        return StoreVersion(self.path(name))
+
+    def next_name(self, label: str) -> str:
+        numbers = [int(NAME.match(name).group(1)) for name in self.names()]
+        return f"v{max(numbers, default=0) + 1}-{re.sub(r'[^A-Za-z0-9_.-]', '-', label)}"
+
+    def begin(self, plan: dict, name: str | None = None) -> VersionBuilder:
+        """The version to fill for `plan`: `name`, else the newest one made from the same plan
+        (finished: it is current; unfinished: it is resumed), else a new `v<N>-<model>`."""
+        if name is not None and not NAME.match(name):
+            raise UserError(f"store version name '{name}' must look like v<N>-<label>, e.g. v3-stage2")
+        name = name or self._same_plan(plan) or self.next_name(plan["model"])
+        path = self.path(name)
+        if (path / PLAN).exists():
+            made_from = json.loads((path / PLAN).read_text())
+            if not same_plan(made_from, plan):
+                raise UserError(f"store version {name} is made from another model or catalogue "
+                                f"(checkpoint {made_from['checkpoint_digest']}): choose a new --version name")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path / PLAN, {"version": name, **plan})
+        remove_temporary(path)
+        return VersionBuilder(path)
+
+    def builder(self, name: str) -> VersionBuilder:
+        return VersionBuilder(self.path(name))
+
+    def _same_plan(self, plan: dict) -> str | None:
+        for name in reversed(self.names()):
+            file = self.path(name) / PLAN
+            if file.exists() and same_plan(json.loads(file.read_text()), plan):
+                return name
+        return None
+
+
+def same_plan(a: dict, b: dict) -> bool:
+    return all(a.get(key) == b.get(key) for key in PLAN_KEYS)
+
+
+class VersionBuilder:
+    """A version being made one partition at a time; processes write disjoint partitions."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self.plan = json.loads((self.path / PLAN).read_text())
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / MANIFEST).exists()
+
+    def missing(self) -> list[int]:
+        """Partitions without a shard: a resumed run computes only these."""
+        return [p for p in range(self.plan["partitions"]) if not (self.path / shard_name(p)).exists()]
+
+    def write(self, partition: int, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        write_shard(self.path / shard_name(partition), item_ids, vectors)
+
+    def finish(self, **extra) -> StoreVersion:
+        """Writes the manifest, which makes the version visible; every partition must have its shard."""
+        if self.missing():
+            raise RuntimeError(f"{self.name}: partitions {self.missing()} have no shard yet")
+        shards = [{"file": shard_name(p), "count": pq.read_metadata(self.path / shard_name(p)).num_rows}
+                  for p in range(self.plan["partitions"])]
+        count = sum(shard["count"] for shard in shards)
+        manifest = {**self.plan, "count": count, "shards": shards, "created_at": utc_now(), **extra}
+        write_json_atomic(self.path / MANIFEST, manifest)
+        return StoreVersion(self.path)
+
+
+class StoreVersion:
+    """A finished version: ids and vectors of every item it holds, read on first use."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self._load_manifest()
+
+    def _load_manifest(self) -> None:
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self._table: pa.Table | None = None
+        self._rows: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self.manifest["count"]
+
+    @property
+    def dim(self) -> int:
+        return self.manifest["dims"]
+
+    @property
+    def matryoshka_dims(self) -> list[int]:
+        return self.manifest["matryoshka_dims"]
+
+    def table(self) -> pa.Table:
+        """(item_id, float16 vector) rows of the shards the manifest lists, in its order."""
+        if self._table is None:
+            schema = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float16(), self.dim))])
+            shards = [pq.read_table(self.path / shard["file"]).cast(schema) for shard in self.manifest["shards"]]
+            self._table = pa.concat_tables(shards) if shards else schema.empty_table()
+        return self._table
+
+    def item_ids(self) -> list[str]:
+        return self.table()["item_id"].to_pylist()
+
+    def vectors(self, dim: int | None = None) -> np.ndarray:
+        """Every item's vector as float32 (count, dim), L2-normalised; a smaller `dim` is the
+        Matryoshka prefix, re-normalised."""
+        dim = self._check_dim(dim)
+        flat = self.table()["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return normalise(flat.reshape(-1, self.dim)[:, :dim].astype(np.float32))
+
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Row of each id in `vectors()`, -1 where the version does not hold it."""
+        if self._rows is None:
+            self._rows = {item_id: i for i, item_id in enumerate(self.item_ids())}
+        return np.array([self._rows.get(item_id, -1) for item_id in item_ids], dtype=np.int64)
+
+    def lookup(self, item_ids: Sequence[str], dim: int | None = None) -> np.ndarray:
+        """Vectors of `item_ids`, in their order; KeyError if the version lacks any."""
+        rows = self.rows(item_ids)
+        if (rows < 0).any():
+            missing = [item_id for item_id, row in zip(item_ids, rows) if row < 0]
+            raise KeyError(f"{len(missing)} item ids are not in store version {self.name}, e.g. {missing[0]!r}")
+        return self.vectors(dim)[rows]
+
+    def add(self, item_ids: Sequence[str], vectors: np.ndarray) -> int:
+        """Adds the items the version does not hold yet as one new shard, then rewrites the manifest
+        to list it (both by rename). One writer at a time; returns how many items were added."""
+        new = self.rows(item_ids) < 0
+        new &= ~_repeated(item_ids)
+        if not new.any():
+            return 0
+        self._remove_unlisted()
+        file = f"part-inc-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
+        count = write_shard(self.path / file, [i for i, keep in zip(item_ids, new) if keep], np.asarray(vectors)[new])
+        manifest = {**self.manifest, "count": len(self) + count, "updated_at": utc_now(),
+                    "shards": [*self.manifest["shards"], {"file": file, "count": count}]}
+        write_json_atomic(self.path / MANIFEST, manifest)
+        self._load_manifest()
+        return count
+
+    def _remove_unlisted(self) -> None:
+        """An add killed between its shard and its manifest left a shard nobody reads: remove it."""
+        listed = {shard["file"] for shard in self.manifest["shards"]}
+        for shard in self.path.glob("part-inc-*.parquet"):
+            if shard.name not in listed:
+                shard.unlink(missing_ok=True)
+        remove_temporary(self.path)
+
+    def _check_dim(self, dim: int | None) -> int:
+        dim = dim or self.dim
+        if dim not in (*self.matryoshka_dims, self.dim):
+            raise UserError(f"dim={dim} is not a dimension of store version {self.name}: "
+                            f"{sorted({*self.matryoshka_dims, self.dim})}")
+        return dim
+
+
+def _repeated(item_ids: Sequence[str]) -> np.ndarray:
+    """True for every repeat of an id after its first occurrence."""
+    seen: set[str] = set()
+    flags = []
+    for item_id in item_ids:
+        flags.append(item_id in seen)
+        seen.add(item_id)
+    return np.array(flags, dtype=bool)
