@@ -8,7 +8,8 @@ are prefixes of the full vector, re-normalised, so one stored vector serves ever
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from moon import ui
 from moon.config import ModelConfig
 from moon.errors import UserError
-from moon.model.backbone import build_backbone, grid_side, merged
+from moon.model.backbone import autocast, build_backbone, grid_side, merged
 from moon.model.inputs import Collator, Input
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
 
@@ -61,18 +62,24 @@ class Embedder(torch.nn.Module):
         """The Matryoshka prefix of `dim` dimensions, re-normalised."""
         return F.normalize(embeddings[..., :dim], dim=-1)
 
-    def encode(self, inputs: Sequence[Input], dim: int | None = None, batch_size: int = 32) -> np.ndarray:
-        """Embeddings of any views, in batches, without gradients; float32 (n, dim or full)."""
+    def encode(self, inputs: Sequence[Input], dim: int | None = None, batch_size: int = 32,
+               advance: Callable[[int], object] | None = None) -> np.ndarray:
+        """Embeddings of any views, in batches, without gradients, on the model's device and in its
+        compute dtype; float32 (n, dim or full). `advance(n)` reports progress to the caller's bar
+        (by default a bar of its own is shown for large inputs)."""
         dim = dim or self.dim
         if dim not in (*self.settings.matryoshka_dims, self.dim):
             raise UserError(f"dim={dim} is not a trained Matryoshka dimension {self.settings.matryoshka_dims}")
         was_training = self.training
         self.eval()
+        device = next(self.parameters()).device
         out = np.empty((len(inputs), dim), dtype=np.float32)
-        with torch.inference_mode(), _progress(len(inputs)) as advance:
+        bar = nullcontext(advance) if advance else _progress(len(inputs))
+        with torch.inference_mode(), autocast(self.settings, device), bar as advance:
             for start in range(0, len(inputs), batch_size):
                 chunk = inputs[start : start + batch_size]
-                out[start : start + len(chunk)] = self.truncate(self(self.collate(chunk)), dim).float().numpy()
+                batch = {key: value.to(device) for key, value in self.collate(chunk).items()}
+                out[start : start + len(chunk)] = self.truncate(self(batch), dim).float().cpu().numpy()
                 advance(len(chunk))
         self.train(was_training)
         return out
@@ -105,6 +112,4 @@ def _progress(total: int):
     """A progress bar only where encoding takes a while."""
     if total >= 2048:
         return ui.progress("encode", total, unit="inputs")
-    from contextlib import nullcontext
-
     return nullcontext(lambda n=1: None)

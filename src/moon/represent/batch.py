@@ -33,7 +33,7 @@ from moon.config import MoonConfig
 from moon.data.tables import MANIFEST, dataset, read_table, table_path
 from moon.errors import UserError
 from moon.eval.image_search import ITEM_VIEW
-from moon.model.backbone import autocast, set_bidirectional
+from moon.model.backbone import set_bidirectional
 from moon.model.embedder import SETTINGS_FILE, Embedder
 from moon.model.views import ItemViews
 from moon.store.versions import DTYPE, Store, StoreVersion, checkpoint_digest, partition_bounds
@@ -86,8 +86,7 @@ def embed_all(config: MoonConfig, run_dir: Path, processes: Processes, model: st
     with progress(processes, f"embed {name}", int(sum(size[p] for p in mine))) as advance:
         for p in mine:
             rows = read_rows(items, np.arange(*bounds[p]))
-            vectors = encode_items(embedder, ItemViews(rows), builder.plan["item_view"], config.store.batch_size,
-                                   processes.device, advance)
+            vectors = encode_items(embedder, ItemViews(rows), builder.plan["item_view"], config.store.batch_size, advance)
             builder.write(p, rows["item_id"].to_pylist(), vectors)
     processes.barrier()
     if processes.is_main:
@@ -126,7 +125,7 @@ def _add_new_items(config: MoonConfig, run_dir: Path, store: Store, model: str |
     embedder = load_embedder(path, made_by["bidirectional"], device)
     started = time.perf_counter()
     with ui.progress(f"embed new items into {target.name}", len(new), unit="items") as advance:
-        vectors = encode_items(embedder, ItemViews(rows), made_by["item_view"], config.store.batch_size, device, advance)
+        vectors = encode_items(embedder, ItemViews(rows), made_by["item_view"], config.store.batch_size, advance)
     ui.log(rate(len(new), time.perf_counter() - started))
     added = target.add(rows["item_id"].to_pylist(), vectors)
     ui.log(f"added {added:,} new items to {target.name} ({len(target):,} items)")
@@ -176,21 +175,9 @@ def load_embedder(path: Path, bidirectional: bool, device: torch.device) -> Embe
     return embedder.to(device).eval()
 
 
-def encode_items(embedder: Embedder, views: ItemViews, view: str, batch_size: int, device: torch.device,
-                 advance) -> np.ndarray:
-    """Full-dimension, L2-normalised vectors of every item in `views`, float32 (items, dim).
-
-    The same computation as `Embedder.encode`, on the process's device (a GPU under torchrun
-    on GPU machines) and in the model's compute dtype.
-    """
-    out = np.empty((len(views), embedder.dim), dtype=np.float32)
-    with torch.inference_mode(), autocast(embedder.settings, device):
-        for start in range(0, len(views), batch_size):
-            rows = range(start, min(start + batch_size, len(views)))
-            batch = {key: value.to(device) for key, value in embedder.collate(views.inputs(rows, view)).items()}
-            out[rows.start : rows.stop] = embedder(batch).float().cpu().numpy()
-            advance(len(rows))
-    return out
+def encode_items(embedder: Embedder, views: ItemViews, view: str, batch_size: int, advance) -> np.ndarray:
+    """Full-dimension, L2-normalised vectors of every item in `views`, float32 (items, dim)."""
+    return embedder.encode(views.inputs(range(len(views)), view), batch_size=batch_size, advance=advance)
 
 
 def read_rows(items: ds.Dataset, rows: np.ndarray):
