@@ -35,6 +35,37 @@ TINY_MODEL = [
 ]
 
 
+# A small run for the representation store and its index: the first STORE_ITEMS rows of the
+# tiny world's catalogue (the rest arrive "later") and an untrained tiny model as stage 2.
+STORE_ITEMS = 200
+STORE_OVERRIDES = [*TINY_WORLD, *TINY_MODEL, "name=tiny", "store.partitions=8", "store.batch_size=16"]
+
+
+def store_config(*overrides):
+    return load_config(None, [*STORE_OVERRIDES, *overrides])
+
+
+def write_items(run_dir, items):
+    """Replaces the run's items table, as a catalogue refresh would."""
+    from moon.data import schema
+    from moon.data.tables import TableWriter
+
+    with TableWriter(run_dir, "items", schema.ITEMS) as writer:
+        writer.write(items)
+        writer.commit()
+
+
+def publish_untrained(run_dir, stage: str, seed: int):
+    """An untrained tiny embedder published where a trained stage would be."""
+    from moon.data.tables import read_table
+    from moon.model.embedder import Embedder
+    from moon.model.views import ItemViews
+    from moon.train.loop import model_dir, publish
+
+    embedder = Embedder.create(store_config().model, ItemViews(read_table(run_dir, "items")).texts(), seed=seed)
+    return publish(embedder.save, model_dir(run_dir, stage), {"stage": stage})
+
+
 def free_port() -> int:
     """A loopback port for a torchrun rendezvous."""
     with socket.socket() as s:
@@ -70,4 +101,16 @@ def tiny_world(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("tiny-world")
     simulate(load_config(None, [*TINY_WORLD, "name=tiny"]), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def store_world(tiny_world, tmp_path_factory):
+    """A run directory with STORE_ITEMS catalogue items and an untrained tiny model as stage 2;
+    tests copy it (`shutil.copytree`) before changing anything."""
+    from moon.data.tables import read_table
+
+    run_dir = tmp_path_factory.mktemp("store-world")
+    write_items(run_dir, read_table(tiny_world, "items").slice(0, STORE_ITEMS))
+    publish_untrained(run_dir, "stage2", seed=0)
     return run_dir

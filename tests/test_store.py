@@ -14,45 +14,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_MODEL, TINY_WORLD, free_port
+from conftest import STORE_ITEMS, STORE_OVERRIDES, free_port, publish_untrained, store_config, write_items
 from moon.config import load_config
-from moon.data import schema
-from moon.data.tables import TableWriter, read_table
+from moon.data.tables import read_table
 from moon.errors import UserError
 from moon.eval.image_search import ITEM_VIEW
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.represent import embed_catalogue
 from moon.store.versions import Store, VersionBuilder, checkpoint_digest
-from moon.train.loop import model_dir, publish
+from moon.train.loop import model_dir
 
-ITEMS = 200  # the first rows of the tiny world's catalogue; the rest arrive "later"
-OVERRIDES = [*TINY_WORLD, *TINY_MODEL, "name=tiny", "store.partitions=8", "store.batch_size=16"]
-
-
-def config(*overrides):
-    return load_config(None, [*OVERRIDES, *overrides])
-
-
-def write_items(run_dir, items):
-    with TableWriter(run_dir, "items", schema.ITEMS) as writer:
-        writer.write(items)
-        writer.commit()
-
-
-def publish_untrained(run_dir, stage: str, seed: int):
-    """An untrained tiny embedder published where a trained stage would be."""
-    embedder = Embedder.create(config().model, ItemViews(read_table(run_dir, "items")).texts(), seed=seed)
-    return publish(embedder.save, model_dir(run_dir, stage), {"stage": stage})
-
-
-@pytest.fixture(scope="module")
-def store_world(tiny_world, tmp_path_factory):
-    """A run directory with 200 catalogue items and an untrained tiny model as stage 2; tests copy it."""
-    run_dir = tmp_path_factory.mktemp("store-world")
-    write_items(run_dir, read_table(tiny_world, "items").slice(0, ITEMS))
-    publish_untrained(run_dir, "stage2", seed=0)
-    return run_dir
+ITEMS = STORE_ITEMS  # the first rows of the tiny world's catalogue; the rest arrive "later"
+OVERRIDES = STORE_OVERRIDES
+config = store_config
 
 
 @pytest.fixture(scope="module")
