@@ -5,8 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from moon.data import schema
+from moon.data.tables import TableWriter
 from moon.errors import UserError
 from moon.eval import retrieval
+from moon.eval.image_search import ITEM_QUERY_VIEWS, held_out
 from moon.eval.retrieval import (
     CatalogueMismatch,
     bootstrap_ci,
@@ -15,6 +18,7 @@ from moon.eval.retrieval import (
     matryoshka_prefix,
     recall_at_k,
     relevant_items,
+    relevant_sets,
     retrieval_recall,
     top_k,
     without_self,
@@ -245,3 +249,87 @@ def test_report_is_json_with_every_dim_and_k():
 def test_report_rejects_relevant_indices_outside_the_catalogue():
     with pytest.raises(ValueError, match="outside the catalogue"):
         retrieval_recall(unit([0]), unit([0, 90]), [{2}], ks=[1])
+
+
+# ---------------------------------------------------------------- text search and item -> item
+
+
+def test_a_query_with_several_targets_hits_when_any_is_found_and_spu_siblings_count_only_with_spu_hit():
+    # Catalogue a1, a2, b1, a3, c1 (SPUs A, A, B, A, C). Query 0's session engaged with b1 and c1;
+    # query 1's with a2 only.
+    groups = [["c1", "b1"], ["a2"]]
+    assert relevant_sets(groups, CATALOGUE_ITEMS, CATALOGUE_SPUS, spu_hit=False) == [[2, 4], [1]]
+    assert relevant_sets(groups, CATALOGUE_ITEMS, CATALOGUE_SPUS, spu_hit=True) == [[2, 4], [0, 1, 3]]
+    assert relevant_sets([["a1", "a3"]], CATALOGUE_ITEMS, None, spu_hit=False) == [[0, 3]]
+
+    catalogue = unit([0, 40, 90, 20, 180])  # a1, a2, b1, a3, c1
+    queries = unit([85, -5])  # query 0 lands on b1 (its second target); query 1 on a1, a sibling of a2
+    by_item = retrieval_recall(queries, catalogue, relevant_sets(groups, CATALOGUE_ITEMS, CATALOGUE_SPUS, False), ks=[1, 3])
+    by_spu = retrieval_recall(queries, catalogue, relevant_sets(groups, CATALOGUE_ITEMS, CATALOGUE_SPUS, True), ks=[1, 3])
+    assert by_item.hits[2][1].tolist() == [1.0, 0.0]
+    assert by_spu.hits[2][1].tolist() == [1.0, 1.0]
+    assert by_item.hits[2][3].tolist() == [1.0, 1.0]  # a2 (40 degrees) is third from -5
+    with pytest.raises(CatalogueMismatch, match="'zz9'"):
+        relevant_sets([["a1"], ["zz9"]], CATALOGUE_ITEMS, CATALOGUE_SPUS, spu_hit=False)
+
+
+def test_item_to_item_recall_leaves_the_query_item_out_of_its_ranking_and_its_relevant_set():
+    # Items at 0, 10, 25, 30, 90 degrees. Query item 1 (10 degrees) led to item 0; query item 3
+    # (30 degrees) led to item 4 (90 degrees, fourth after itself, 25 and 10).
+    catalogue = unit([0, 10, 25, 30, 90])
+    own = [1, 3]
+    relevant = [[0], [4]]
+    plain = retrieval_recall(catalogue[own], catalogue, relevant, ks=[1, 3, 4])
+    assert plain.hits[2][1].tolist() == [0.0, 0.0]  # each item finds itself first
+    report = retrieval_recall(catalogue[own], catalogue, relevant, ks=[1, 3, 4], exclude=own)
+    assert report.hits[2][1].tolist() == [1.0, 0.0]  # 0 degrees is nearest to 10 once 10 is gone
+    assert report.hits[2][3].tolist() == [1.0, 0.0]  # 25, 10, 0 degrees come before 90
+    assert report.hits[2][4].tolist() == [1.0, 1.0]  # K = catalogue - 1 ranks every other item
+    assert retrieval_recall(catalogue[own], catalogue, relevant, ks=[100], exclude=own).recall[2][100].value == 1.0
+
+    # With SPU hits an item's own SPU may hold the query item: it is not a hit by itself.
+    siblings = [[0, 1], [3, 4]]  # item 1 and item 0 share an SPU; so do items 3 and 4
+    report = retrieval_recall(catalogue[own], catalogue, siblings, ks=[1], exclude=own)
+    assert report.hits[2][1].tolist() == [1.0, 0.0]  # item 3's nearest other item is 25 degrees, not 90
+    with pytest.raises(ValueError, match="no relevant item"):
+        retrieval_recall(catalogue[own], catalogue, [[1], [4]], ks=[1], exclude=own)  # only itself
+    with pytest.raises(ValueError, match="excluded rows"):
+        retrieval_recall(catalogue[own], catalogue, relevant, ks=[1], exclude=[1])
+
+
+def test_held_out_queries_are_test_split_sessions_of_both_pair_tables(tmp_path):
+    def pairs(rows):
+        n = len(rows)
+        columns = dict(zip(("split", "query_view", "session_id", "query_text", "query_item_id", "pos_item_id"),
+                           zip(*rows)))
+        return pa.table({
+            **{name: pa.array(list(values), pa.string()) for name, values in columns.items()},
+            "task": pa.array([f"{r[1]}->richer-text+image" for r in rows]), "query_image": pa.nulls(n, pa.binary()),
+            "pos_spu_id": pa.array(columns["pos_item_id"]), "item_view": pa.array(["richer-text+image"] * n),
+            "hard_neg_item_ids": pa.array([[]] * n, pa.list_(pa.string())), "action": pa.array(["click"] * n),
+            "weight": pa.array([1.0] * n, pa.float32()), "ts": pa.array([0] * n, schema.TIMESTAMP),
+            "region": pa.array(["r"] * n), "user_id": pa.array(["u"] * n),
+        })
+
+    stage1 = [
+        ("test", "text", "s2", "red dress", None, "i3"),
+        ("test", "text", "s1", "blue shoe", None, "i1"),
+        ("test", "text", "s1", "blue shoe", None, "i2"),
+        ("train", "text", "s0", "green hat", None, "i4"),  # training days: never evaluated
+        ("test", "image", "s3", None, None, "i5"),  # a photo query: the image-search set covers it
+        ("test", "title+image", "s1", None, "i1", "i2"),
+        ("test", "richer-text+image", "s1", None, "i1", "i3"),
+        ("valid", "richer-text+image", "s4", None, "i2", "i3"),
+    ]
+    stage2 = [("test", "text", "s1", "blue shoe", None, "i2"), ("test", "text", "s5", "blue shoe", None, "i9")]
+    for name, rows in (("pairs_stage1", stage1), ("pairs_stage2", stage2)):
+        with TableWriter(tmp_path, name, schema.PAIRS) as writer:
+            writer.write(pairs(rows))
+            writer.commit()
+
+    texts = held_out(tmp_path, ("text",), "query_text")
+    assert texts.queries == ["blue shoe", "red dress", "blue shoe"]  # sessions s1, s2, s5
+    assert texts.targets == [["i1", "i2"], ["i3"], ["i9"]]
+    items = held_out(tmp_path, ITEM_QUERY_VIEWS, "query_item_id")
+    assert (items.queries, items.targets) == (["i1"], [["i2", "i3"]])
+    assert len(held_out(tmp_path / "empty", ("text",), "query_text")) == 0

@@ -284,6 +284,20 @@ class StoreConfig(Section):
     batch_size: int = Field(64, gt=0, description="items embedded per forward pass")
 
 
+class EvalConfig(Section):
+    """Offline retrieval metrics (`moon eval retrieval`, docs/metrics.md)."""
+
+    ks: list[int] = Field([1, 10, 50, 100], description="the K of every recall@K")
+    spu_hit: bool = Field(False, description="any SKU of the same SPU as a relevant item also counts as a hit")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, ks: list[int]) -> list[int]:
+        if not ks or min(ks) < 1:
+            raise ValueError("give at least one K, each a positive integer, e.g. [1, 10, 50, 100]")
+        return sorted(set(ks))
+
+
 class MoonConfig(Section):
     """A whole run: the name of its run directory, the seed, and one section per stage."""
 
@@ -297,6 +311,7 @@ class MoonConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="domain-knowledge pretraining")
     posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig, description="contrastive post-training")
     store: StoreConfig = Field(default_factory=StoreConfig, description="versioned catalogue representations")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="offline retrieval metrics")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""

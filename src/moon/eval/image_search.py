@@ -1,25 +1,40 @@
-"""`moon eval retrieval`: image-based search recall of every model of a run (docs/metrics.md).
+"""`moon eval retrieval`: retrieval recall of every model of a run (docs/metrics.md).
 
-The held-out user photos of `eval_image_search` search the whole catalogue. Every model
-the run has is measured on the same queries: the non-learned baseline, the untrained
-backbone, the pretrained model, and the stage-1 and stage-2 embedders, at every
-Matryoshka dimension; plus a hard set where each query's distractors are only the
-items of its target's leaf category. Results go to `eval/retrieval.json`.
+The held-out user photos of `eval_image_search` search the whole catalogue (image-based
+search, the guiding metric). Beside it, two more query sets from the test split of the
+pair tables: text queries, each with every item its session engaged with after it (text
+search), and items as queries, each with the items its session engaged with after it
+(item -> item, the query item left out of its own ranking). Every model the run has is
+measured on the same queries: the non-learned baseline, the untrained backbone, the
+pretrained model, and the stage-1 and stage-2 embedders, at every Matryoshka dimension;
+plus, for image search, a hard set where each query's distractors are only the items of
+its target's leaf category. Results go to `eval/retrieval.json`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from moon import ui
 from moon.config import MoonConfig
 from moon.data.baseline import BaselineEmbedder
+from moon.data.pairs import ITEM_QUERY_VIEWS
 from moon.data.tables import has_table, read_table
-from moon.eval.retrieval import bootstrap_ci, matryoshka_prefix, recall_at_k, relevant_items, retrieval_recall
+from moon.eval.retrieval import (
+    bootstrap_ci,
+    matryoshka_prefix,
+    recall_at_k,
+    relevant_items,
+    relevant_sets,
+    retrieval_recall,
+)
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
@@ -28,47 +43,101 @@ from moon.train.loop import model_dir
 ITEM_VIEW = "richer-text+image"  # the item representation MOON serves
 MODELS = ("pretrain", "stage1", "stage2")
 HARD_K = 10
+PAIR_TABLES = ("pairs_stage1", "pairs_stage2")  # where held-out text and item queries come from
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Test-split queries of one kind, each with the items its session engaged with after it."""
+
+    queries: list  # the query text, or the query item's id
+    targets: list[list[str]]  # item ids clicked, carted or bought after the query, sorted
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """One model's vectors of every query set and of the catalogue."""
+
+    photos: np.ndarray
+    texts: np.ndarray
+    items: np.ndarray
+    dims: list[int] | None  # Matryoshka dims to score; None: the full vector only
 
 
 def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | None = None) -> dict:
     """Measures every model of the run (and `extra_models`, label -> directory); writes eval/retrieval.json."""
+    settings = config.eval
     items = read_table(run_dir, "items")
     queries = read_table(run_dir, "eval_image_search")
     views = ItemViews(items)
-    relevant = relevant_items(queries["item_id"], queries["spu_id"], items["item_id"], items["spu_id"], spu_hit=False)
+    catalogue = (items["item_id"], items["spu_id"])
+    relevant = relevant_items(queries["item_id"], queries["spu_id"], *catalogue, spu_hit=settings.spu_hit)
     leaves = np.array([path[-1] for path in items["category"].to_pylist()], dtype=object)
     photos = queries["query_image"].to_pylist()
+    texts = held_out(run_dir, ("text",), "query_text")
+    pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id")
+    text_relevant = relevant_sets(texts.targets, *catalogue, spu_hit=settings.spu_hit)
+    item_relevant = relevant_sets(pairs.targets, *catalogue, spu_hit=settings.spu_hit)
+    own_rows = np.array([rows[0] for rows in relevant_items(pairs.queries, None, catalogue[0], None, False)], np.int64)
 
-    results = {}
-    for label, (query_vectors, item_vectors, dims) in _models(config, run_dir, items, views, photos, extra_models):
+    results, scored = {}, {"ks": settings.ks, "seed": config.seed}
+    for label, vectors in _models(config, run_dir, items, views, photos, texts.queries, extra_models):
         ui.log(f"evaluating {label}")
-        report = retrieval_recall(query_vectors, item_vectors, relevant, dims=dims, seed=config.seed).to_dict()
-        report["hard_same_leaf"] = same_leaf_recall(query_vectors, item_vectors, relevant, leaves, config.seed)
+        report = retrieval_recall(vectors.photos, vectors.items, relevant, dims=vectors.dims, **scored).to_dict()
+        report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, relevant, leaves, config.seed)
+        if len(texts):
+            report["text_search"] = retrieval_recall(vectors.texts, vectors.items, text_relevant, dims=vectors.dims,
+                                                     **scored).to_dict()
+        if len(pairs):
+            report["item_to_item"] = retrieval_recall(vectors.items[own_rows], vectors.items, item_relevant,
+                                                      dims=vectors.dims, exclude=own_rows, **scored).to_dict()
         results[label] = report
     out = Path(run_dir) / "eval" / "retrieval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"item_view": ITEM_VIEW, "models": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"item_view": ITEM_VIEW, "spu_hit": settings.spu_hit, "models": results}, indent=2) + "\n")
     return results
 
 
-def _models(config, run_dir, items: pa.Table, views: ItemViews, photos: list[bytes], extra_models):
-    """(label, (query vectors, item vectors, dims)) for each model, computed one at a time."""
+def held_out(run_dir: Path, query_views: Sequence[str], key: str) -> HeldOut:
+    """Test-split pairs whose query view is one of `query_views`, grouped into one query per
+    (session, query `key`) whose targets are every positive item of its pairs, from both pair tables."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for name in PAIR_TABLES:
+        if not has_table(run_dir, name):
+            continue
+        table = read_table(run_dir, name, columns=["split", "query_view", "session_id", key, "pos_item_id"])
+        wanted = pc.and_(pc.equal(table["split"], "test"), pc.is_in(table["query_view"], pa.array(query_views)))
+        table = table.filter(wanted)
+        for session, query, item in zip(*(table[c].to_pylist() for c in ("session_id", key, "pos_item_id"))):
+            groups.setdefault((session, query), set()).add(item)
+    order = sorted(groups)
+    return HeldOut([query for _, query in order], [sorted(groups[k]) for k in order])
+
+
+def _models(config, run_dir, items: pa.Table, views: ItemViews, photos: list[bytes], texts: list[str], extra_models):
+    """(label, Vectors) for each model, computed one at a time."""
     baseline = BaselineEmbedder.fit(items)
-    yield "baseline", (baseline.encode_images(photos), baseline.encode_items(items, ITEM_VIEW), None)
+    yield "baseline", Vectors(baseline.encode_images(photos), baseline.encode_texts(texts),
+                              baseline.encode_items(items, ITEM_VIEW), None)
     untrained = Embedder.create(config.model, views.texts(), seed=config.seed)
-    yield "untrained", _embed(untrained, views, photos)
+    yield "untrained", _embed(untrained, views, photos, texts)
     found = {stage: model_dir(run_dir, stage) for stage in MODELS if has_table(run_dir, f"models/{stage}")}
     for label, path in {**found, **(extra_models or {})}.items():
         embedder = Embedder.load(path)
         embedder.backbone.language_model.config.is_causal = not config.model.bidirectional
-        yield label, _embed(embedder, views, photos)
+        yield label, _embed(embedder, views, photos, texts)
 
 
-def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes]):
-    query_vectors = embedder.encode([Input(None, photo) for photo in photos])
-    item_vectors = embedder.encode(views.inputs(range(len(views)), ITEM_VIEW))
-    dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
-    return query_vectors, item_vectors, dims
+def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str]) -> Vectors:
+    return Vectors(
+        photos=embedder.encode([Input(None, photo) for photo in photos]),
+        texts=embedder.encode([Input(text, None) for text in texts]),
+        items=embedder.encode(views.inputs(range(len(views)), ITEM_VIEW)),
+        dims=sorted({*embedder.settings.matryoshka_dims, embedder.dim}),
+    )
 
 
 def same_leaf_recall(query_vectors, item_vectors, relevant, leaves: np.ndarray, seed: int) -> dict:
@@ -87,13 +156,58 @@ def print_saved(run_dir: Path) -> None:
 
 
 def print_results(results: dict) -> None:
-    rows = []
+    """The image-search table (the guiding metric), then one table of text search and item -> item."""
+    rows, columns = [], ()
     for label, report in results.items():
         dims = report["dims"]
-        full = dims[max(dims, key=int)]
-        per_dim = " / ".join(f"{dims[d]['recall@10']['value']:.3f}" for d in sorted(dims, key=int))
-        ci = full["recall@10"]["ci95"]
-        rows.append((label, full["recall@1"]["value"], full["recall@10"]["value"], f"{ci[0]:.3f}-{ci[1]:.3f}",
-                     full["recall@100"]["value"], report["hard_same_leaf"]["recall@10"]["value"], per_dim))
-    ui.print_table("image-based search recall (user photo -> purchased item, whole catalogue)", rows,
-                   ("model", "R@1", "R@10", "R@10 95% CI", "R@100", "R@10 same-leaf", "R@10 per dim"))
+        full = _full(dims)
+        ks, k = _ks(full)  # the same in every report of one run
+        per_dim = " / ".join(f"{dims[d][f'recall@{k}']['value']:.3f}" for d in sorted(dims, key=int))
+        rows.append((label, *_summary(full), report["hard_same_leaf"][f"recall@{HARD_K}"]["value"], per_dim))
+        columns = ("model", *_summary_columns(full), f"R@{HARD_K} same-leaf", f"R@{k} per dim")
+    ui.print_table("image-based search recall (user photo -> purchased item, whole catalogue)", rows, columns)
+    _print_other_groups(results)
+
+
+def _print_other_groups(results: dict) -> None:
+    """Text search and item -> item at the full dimension, one row per query set and model."""
+    rows, columns, counts = [], (), []
+    for key, name in (("text_search", "text"), ("item_to_item", "item->item")):
+        reports = {label: report[key] for label, report in results.items() if key in report}
+        for label, report in reports.items():
+            full = _full(report["dims"])
+            rows.append((name, label, *_summary(full)))
+            columns = ("queries", "model", *_summary_columns(full))
+        if reports:
+            counts.append(f"{next(iter(reports.values()))['queries']:,} {name}")
+    if rows:
+        ui.print_table(f"text search and item -> item recall, full dimension ({', '.join(counts)} queries)",
+                       rows, columns)
+
+
+def _summary(full: dict) -> tuple:
+    """R@(smallest K), R@headline K with its interval, R@(largest K)."""
+    ks, k = _ks(full)
+    return full[f"recall@{ks[0]}"]["value"], full[f"recall@{k}"]["value"], _ci(full[f"recall@{k}"]), \
+        full[f"recall@{ks[-1]}"]["value"]
+
+
+def _summary_columns(full: dict) -> tuple[str, ...]:
+    ks, k = _ks(full)
+    return f"R@{ks[0]}", f"R@{k}", f"R@{k} 95% CI", f"R@{ks[-1]}"
+
+
+def _full(dims: dict) -> dict:
+    """The figures at the full dimension (the widest)."""
+    return dims[max(dims, key=int)]
+
+
+def _ks(by_k: dict) -> tuple[list[int], int]:
+    """The K values of a report and its headline K (10 where measured, else the smallest)."""
+    ks = sorted(int(name.split("@")[1]) for name in by_k)
+    return ks, 10 if 10 in ks else ks[0]
+
+
+def _ci(metric: dict) -> str:
+    lo, hi = metric["ci95"]
+    return f"{lo:.3f}-{hi:.3f}"

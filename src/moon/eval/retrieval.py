@@ -230,12 +230,17 @@ def retrieval_recall(
     dims: Iterable[int | None] | None = None,
     seed: int = 0,
     resamples: int = 1000,
+    exclude: Sequence[int] | None = None,
 ) -> RecallReport:
     """recall@K (K in `ks`) of each query against the whole catalogue, exact cosine search, at every
     Matryoshka dimension in `dims` (a prefix, re-normalised; None or a None entry: the full vector).
 
     `relevant[q]` holds the catalogue row indices that count as a hit for query q (`relevant_items`).
     A K above the catalogue size ranks the whole catalogue.
+
+    `exclude[q]`, for item -> item queries, is the query item's own catalogue row: it is left out of
+    the query's ranking (searched one deeper, then `without_self`) and out of its relevant set, since
+    an item finding itself says nothing.
     """
     q, c = _matrix(query_vectors, "query_vectors"), _matrix(catalogue_vectors, "catalogue_vectors")
     if len(relevant) != q.shape[0]:
@@ -245,12 +250,19 @@ def retrieval_recall(
     out_of_range = [i for r in relevant for i in r if not 0 <= i < c.shape[0]]
     if out_of_range:
         raise ValueError(f"relevant index {out_of_range[0]} is outside the catalogue's {c.shape[0]} rows")
+    if exclude is not None:
+        if len(exclude) != q.shape[0]:
+            raise ValueError(f"{len(exclude)} excluded rows for {q.shape[0]} query vectors")
+        relevant = [[i for i in r if i != own] for r, own in zip(relevant, exclude)]
     ks = _ks(ks)
     full = q.shape[1]
     chosen = list(dict.fromkeys(full if d is None else int(d) for d in (dims if dims is not None else [None])))
     recall, hits = {}, {}
     for dim in chosen:
-        _, ranked = top_k(q, c, ks[-1], dim)
+        if exclude is None:
+            _, ranked = top_k(q, c, ks[-1], dim)
+        else:
+            ranked = without_self(top_k(q, c, ks[-1] + 1, dim)[1], exclude)
         by_clipped = recall_at_k(ranked, relevant, {min(k, ranked.shape[1]) for k in ks})
         hits[dim] = {k: by_clipped[min(k, ranked.shape[1])] for k in ks}
         recall[dim] = {k: Recall(float(h.mean()), bootstrap_ci(h, seed, resamples)) for k, h in hits[dim].items()}
@@ -306,6 +318,23 @@ def relevant_items(
     for i, spu in enumerate(spus):
         siblings.setdefault(spu, []).append(i)  # ascending, since i is
     return [list(siblings[spus[i]]) for i in found]
+
+
+def relevant_sets(
+    target_groups: Sequence[Sequence[str]],
+    catalogue_item_ids: Sequence[str],
+    catalogue_spu_ids: Sequence[str] | None,
+    spu_hit: bool,
+) -> list[list[int]]:
+    """Per query with several targets (e.g. every item a text query's session clicked, carted or
+    bought), the sorted union of their relevant catalogue rows (`relevant_items` of each target)."""
+    flat = [target for group in target_groups for target in group]
+    rows = relevant_items(flat, None, catalogue_item_ids, catalogue_spu_ids, spu_hit)
+    out, start = [], 0
+    for group in target_groups:
+        out.append(sorted({i for r in rows[start:start + len(group)] for i in r}))
+        start += len(group)
+    return out
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,0 +1,104 @@
+"""Batch embedding speed of the tiny preset: catalogue items/s through the code path of `moon embed`
+(`represent.batch.encode_items`, served view, `store.batch_size` items per forward pass), the
+achieved FLOP/s against this machine's matmul peak measured in the same run, and the share of
+the time spent building model inputs (image decoding, tokenising) rather than in the model.
+
+    python benchmarks/embed.py [--run-dir runs/demo] [--items 512]
+
+Needs a run directory with an items table (`moon demo` makes runs/demo). The model is the tiny
+preset (the embedded demo config), untrained: speed does not depend on the weights. Prints JSON
+lines; the last is the headline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from torch.utils.flop_counter import FlopCounterMode
+from train import matmul_peak  # benchmarks/train.py, beside this file
+
+from moon import ui
+from moon.config import load_config
+from moon.data.tables import dataset
+from moon.eval.image_search import ITEM_VIEW
+from moon.model.backbone import set_bidirectional
+from moon.model.embedder import Embedder
+from moon.model.views import ItemViews
+from moon.represent.batch import encode_items, read_rows
+
+
+def embedder(items: pa.Table, overrides: list[str]) -> tuple[Embedder, int]:
+    """The tiny preset's embedder, set up as `moon embed` sets it up, and its `store.batch_size`."""
+    config = load_config(None, overrides)
+    model = Embedder.create(config.model, ItemViews(items).texts(), seed=0)
+    set_bidirectional(model.backbone, config.model.bidirectional)
+    return model.eval(), config.store.batch_size
+
+
+def encode(model: Embedder, items: pa.Table, batch_size: int) -> np.ndarray:
+    """What `moon embed` does to one partition of the catalogue."""
+    return encode_items(model, ItemViews(items), ITEM_VIEW, batch_size, lambda n=1: None)
+
+
+def items_per_second(model: Embedder, items: pa.Table, batch_size: int) -> tuple[float, float]:
+    """(items/s, seconds) of one pass over `items`, after a one-batch warm-up."""
+    encode(model, items.slice(0, batch_size), batch_size)
+    start = time.perf_counter()
+    encode(model, items, batch_size)
+    seconds = time.perf_counter() - start
+    return items.num_rows / seconds, seconds
+
+
+def input_seconds(model: Embedder, items: pa.Table, batch_size: int) -> float:
+    """Seconds of one pass that only builds the model inputs (item texts, image decoding and resizing,
+    tokenising): the part of the embedding time no matmul speeds up."""
+    start = time.perf_counter()
+    views = ItemViews(items)
+    for first in range(0, len(views), batch_size):
+        model.collate(views.inputs(range(first, min(first + batch_size, len(views))), ITEM_VIEW))
+    return time.perf_counter() - start
+
+
+def total_flops(model: Embedder, items: pa.Table, batch_size: int) -> int:
+    """FLOPs of one pass over `items` (the same batches as the timed pass)."""
+    with FlopCounterMode(display=False) as counter:
+        encode(model, items, batch_size)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--items", type=int, default=512, help="catalogue items to embed (the first ones)")
+    args = parser.parse_args()
+    ui.set_quiet(True)
+    catalogue = dataset(Path(args.run_dir), "items")
+    items = read_rows(catalogue, np.arange(min(args.items, catalogue.count_rows())))
+    peak = matmul_peak()
+    print(json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1)}))
+
+    model, batch_size = embedder(items, [])
+    rate, seconds = items_per_second(model, items, batch_size)
+    inputs = input_seconds(model, items, batch_size)
+    print(json.dumps({"items": items.num_rows, "batch_size": batch_size, "seconds": round(seconds, 2),
+                      "items_per_s": round(rate, 1), "input_building_share": round(inputs / seconds, 3)}))
+
+    # FLOPs are counted with eager attention: the CPU sdpa kernel reports none
+    counted, _ = embedder(items, ["model.attn_implementation=eager"])
+    flops = total_flops(counted, items, batch_size)
+    achieved = flops / seconds
+    print(json.dumps({
+        "items_per_s": round(rate, 1),
+        "flops_per_item": flops // items.num_rows,
+        "achieved_gflops": round(achieved / 1e9, 2),
+        "fraction_of_matmul_peak": round(achieved / peak, 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()
