@@ -39,9 +39,13 @@ def test_demo_on_a_tiny_world(tmp_path):
     assert read_table(run_dir, "pairs_stage2").num_rows > 0
     for model in ("baseline", "untrained", "pretrain", "stage1", "stage2"):
         assert model in result.stdout  # the recall table
-    assert set(json.loads((run_dir / "eval" / "retrieval.json").read_text())["models"]) >= {"baseline", "stage2"}
+    models = json.loads((run_dir / "eval" / "retrieval.json").read_text())["models"]
+    assert set(models) >= {"baseline", "stage2"}
+    assert {"dims", "hard_same_leaf", "text_search", "item_to_item"} <= set(models["stage2"])
+    assert "text search and item -> item recall" in result.stdout
+    assert (run_dir / "index" / "v1-stage2" / "full" / "index.faiss").is_file()  # the embed and index stages
     again = moon("demo", *TINY_WORLD, *TINY_MODEL, *SHORT_TRAINING, cwd=tmp_path)  # current stages are skipped
-    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 5
+    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 7
 
 
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):

@@ -129,6 +129,23 @@ def embed(config: MoonConfig, run_dir: Path, model: str | None, incremental: boo
         click.echo(f"store version {stored.path}: {len(stored):,} items")
 
 
+@cli.command()
+@click.option("--version", "version", help="store version to index (default: the latest)")
+@click.option("--kind", type=click.Choice(["auto", "exact", "hnsw", "ivfpq"]), default="auto", show_default=True,
+              help="index kind; auto: exact up to 50k items, HNSW up to 2M, IVF-PQ above; "
+              "a kind other than the saved index's rebuilds it")
+@click.option("--per-dim", is_flag=True, help="also index every Matryoshka dimension (index/<version>/dim-<d>/)")
+@click.option("--rebuild", is_flag=True, help="build from scratch even where a saved index could be extended")
+@stage_command
+def index(config: MoonConfig, run_dir: Path, version: str | None, kind: str, per_dim: bool, rebuild: bool):
+    """Build the vector index of a store version, or add the items it lacks (after `moon embed --incremental`)."""
+    from moon.store.search import index_version, print_results, summary
+
+    stored, results = index_version(run_dir, version, kind, per_dim, rebuild, config.seed)
+    print_results(stored, results)
+    click.echo(summary(stored, results))
+
+
 @cli.group(cls=MoonGroup, name="eval")
 def evaluate():
     """Offline metrics of the run's models."""
@@ -143,6 +160,16 @@ def eval_retrieval(config: MoonConfig, run_dir: Path):
 
     print_results(run_eval(config, run_dir))
     ui.log(f"results -> {run_dir / 'eval' / 'retrieval.json'}")
+
+
+@cli.command()
+@stage_command
+def report(config: MoonConfig, run_dir: Path):
+    """Write the run's report: one HTML page (data, pairs, training curves, recall, image-search gallery) and metrics.json."""
+    from moon.report import build_report
+
+    path = build_report(config, run_dir)
+    click.echo(f"report -> {path} (metrics: {path.with_name('metrics.json')})")
 
 
 @cli.command()

@@ -1,7 +1,8 @@
 """Runs stages in order over one run directory, skipping stages whose outputs are current.
 
 A stage is current when every table it writes exists and was made from the same
-config sections (the digest in its manifest). Adding a stage to the demo is one line
+config sections (the digest in its manifest), or, for a stage with its own `current`
+test (embed, index), when that test says so. Adding a stage to the demo is one line
 in `DEMO`.
 """
 
@@ -20,7 +21,12 @@ from moon.data.tables import has_table, read_manifest
 from moon.data.world.simulate import SECTIONS as SIMULATE_SECTIONS
 from moon.data.world.simulate import simulate
 from moon.eval import image_search
+from moon.report import build_report, print_location
+from moon.represent import embed_catalogue
+from moon.store.search import index_version, version_made_by
+from moon.store.search import is_current as index_is_current
 from moon.train import posttrain, pretrain
+from moon.train.loop import model_dir
 
 
 @dataclass(frozen=True)
@@ -30,13 +36,43 @@ class Stage:
     sections: tuple[str, ...]  # config sections the outputs depend on
     outputs: tuple[str, ...]  # tables the stage writes
     report: Callable[[Path], None] | None = None  # prints what the stage made, after the demo
+    current: Callable[[MoonConfig, Path], bool] | None = None  # overrides the manifest digest check
 
     def is_current(self, config: MoonConfig, run_dir: Path) -> bool:
+        if self.current is not None:
+            return self.current(config, run_dir)
         digest = config.digest(*self.sections)
         return bool(self.outputs) and all(
             has_table(run_dir, table) and read_manifest(run_dir, table).get("config_digest") == digest
             for table in self.outputs
         )
+
+
+# Embed and index write no fixed-name table with a config digest: store versions and their
+# indexes are named per version. A store version records instead the checkpoint digest of the
+# weights that made it, a stricter test than a config digest (it notices any retraining), so
+# these two stages say for themselves when they are current: embed when a finished store
+# version was made by the stage-2 weights now in the run, index when that version's saved
+# index holds every item the version holds.
+
+
+def embed_stage2(config: MoonConfig, run_dir: Path):
+    """The catalogue embedded by the stage-2 model, batch mode (a version it made is reused)."""
+    return embed_catalogue(config, run_dir, model="stage2")
+
+
+def stage2_version(run_dir: Path) -> str | None:
+    """The newest store version made by the stage-2 weights now in the run, if any."""
+    return version_made_by(run_dir, model_dir(run_dir, "stage2"))
+
+
+def index_stage2(config: MoonConfig, run_dir: Path):
+    return index_version(run_dir, stage2_version(run_dir), seed=config.seed)
+
+
+def _stage2_indexed(config: MoonConfig, run_dir: Path) -> bool:
+    version = stage2_version(run_dir)
+    return version is not None and index_is_current(run_dir, version)
 
 
 DEMO: list[Stage] = [
@@ -45,7 +81,10 @@ DEMO: list[Stage] = [
     Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",)),
     Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",)),
     Stage("posttrain stage 2", partial(posttrain.posttrain, stage=2), posttrain.SECTIONS, ("models/stage2",)),
+    Stage("embed", embed_stage2, (), (), current=lambda config, run_dir: stage2_version(run_dir) is not None),
+    Stage("index", index_stage2, (), (), current=_stage2_indexed),
     Stage("eval retrieval", image_search.evaluate, (), (), lambda run_dir: image_search.print_saved(run_dir)),
+    Stage("report", build_report, (), (), print_location),
 ]
 
 
