@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,7 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 console = Console(stderr=True)  # progress and logs go to stderr; results (tables, config) to stdout
-out = Console()
+# Results piped to a file or a CI log keep their table rows whole instead of wrapping at
+# the 80 columns assumed off a terminal; COLUMNS still sets the width when given.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 132)
 _quiet = False
 
 

@@ -38,6 +38,8 @@ from moon.eval.retrieval import (
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
+from moon.store.search import version_made_by
+from moon.store.versions import Store
 from moon.train.loop import model_dir
 
 ITEM_VIEW = "richer-text+image"  # the item representation MOON serves
@@ -128,14 +130,28 @@ def _models(config, run_dir, items: pa.Table, views: ItemViews, photos: list[byt
     for label, path in {**found, **(extra_models or {})}.items():
         embedder = Embedder.load(path)
         embedder.backbone.language_model.config.is_causal = not config.model.bidirectional
-        yield label, _embed(embedder, views, photos, texts)
+        yield label, _embed(embedder, views, photos, texts, _served_items(run_dir, path, views))
 
 
-def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str]) -> Vectors:
+def _served_items(run_dir: Path, model_path: Path, views: ItemViews) -> np.ndarray | None:
+    """The catalogue as served: the vectors of a store version these weights made, if one
+    holds every item (the whole catalogue need not be embedded again), else None."""
+    version = version_made_by(run_dir, model_path)
+    if version is None:
+        return None
+    stored = Store(run_dir).open(version)
+    if (stored.rows(views.item_ids) < 0).any():
+        return None
+    ui.log(f"catalogue vectors of {model_path.name} from store version {version}")
+    return stored.lookup(views.item_ids)
+
+
+def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str],
+           items: np.ndarray | None = None) -> Vectors:
     return Vectors(
         photos=embedder.encode([Input(None, photo) for photo in photos]),
         texts=embedder.encode([Input(text, None) for text in texts]),
-        items=embedder.encode(views.inputs(range(len(views)), ITEM_VIEW)),
+        items=embedder.encode(views.inputs(range(len(views)), ITEM_VIEW)) if items is None else items,
         dims=sorted({*embedder.settings.matryoshka_dims, embedder.dim}),
     )
 
