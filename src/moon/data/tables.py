@@ -79,6 +79,15 @@ class TableWriter:
             self.abort()  # an exception, or the caller never committed
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Writes a single text file (a manifest, a report) under a temporary name, then renames it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     """Writes a single-file table (e.g. rejects.parquet) under a temporary name, then renames it."""
     path = Path(path)

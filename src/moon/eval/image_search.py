@@ -140,10 +140,11 @@ def _served_items(run_dir: Path, model_path: Path, views: ItemViews) -> np.ndarr
     if version is None:
         return None
     stored = Store(run_dir).open(version)
-    if (stored.rows(views.item_ids) < 0).any():
+    rows = stored.rows(views.item_ids)
+    if (rows < 0).any():
         return None
     ui.log(f"catalogue vectors of {model_path.name} from store version {version}")
-    return stored.lookup(views.item_ids)
+    return stored.vectors()[rows]
 
 
 def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str],

@@ -10,7 +10,6 @@ images are embedded as base64, so `report/report.html` can be mailed or archived
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,7 +19,7 @@ from moon.config import MoonConfig
 from moon.data.accounting import Accounting, Step
 from moon.data.pairs import STATS_FILE
 from moon.data.summary import summarize
-from moon.data.tables import has_table, read_manifest, utc_now
+from moon.data.tables import has_table, read_manifest, utc_now, write_text_atomic
 from moon.errors import UserError
 from moon.report import gallery, recall, training
 from moon.report.html import Html, Section, not_run, note, page, table, text
@@ -54,8 +53,8 @@ def build_report(config: MoonConfig, run_dir: Path) -> Path:
     header = f"<p>Run directory <code>{text(run_dir)}</code>, report made {text(created)}.</p>"
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2, default=str) + "\n")
-    write_atomic(out / HTML_FILE, page(f"MOON report: {run_dir.name}", header, sections))
+    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2, default=str) + "\n")
+    write_text_atomic(out / HTML_FILE, page(f"MOON report: {run_dir.name}", header, sections))
     return out / HTML_FILE
 
 
@@ -65,11 +64,6 @@ def print_location(run_dir: Path) -> None:
     ui.out.print(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB)", soft_wrap=True, highlight=False)
 
 
-def write_atomic(path: Path, content: str) -> None:
-    """Writes a temporary file beside `path`, then renames it: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- data summary

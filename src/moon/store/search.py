@@ -30,7 +30,7 @@ import numpy as np
 from moon import ui
 from moon.data.tables import MANIFEST, utc_now
 from moon.errors import UserError
-from moon.store.index import KINDS, Kind, VectorIndex, ann_recall
+from moon.store.index import KINDS, META_FILE, Kind, VectorIndex, ann_recall
 from moon.store.versions import Store, StoreVersion, checkpoint_digest, write_json_atomic
 
 INDEX = "index"
@@ -97,7 +97,7 @@ def is_current(run_dir: Path, version: str) -> bool:
     if not (root / MANIFEST).is_file() or not _same_source(root, stored):
         return False
     indexes = json.loads((root / MANIFEST).read_text())["indexes"]
-    return FULL in indexes and all((root / name / "index.json").is_file() and entry["size"] == len(stored)
+    return FULL in indexes and all((root / name / META_FILE).is_file() and entry["size"] == len(stored)
                                    for name, entry in indexes.items())
 
 
@@ -144,31 +144,31 @@ def _index_one(stored: StoreVersion, ids: np.ndarray, dim: int, root: Path, kind
                seed: int) -> IndexResult:
     name = folder_name(dim, stored.dim)
     path = root / name
-    saved = None if rebuild or not (path / "index.json").is_file() else VectorIndex.load(path)
-    if saved is not None and kind in ("auto", saved.kind) and set(saved.ids) <= set(ids):
-        added = _add_missing(saved, stored, ids, dim)
+    saved = None if rebuild or not (path / META_FILE).is_file() else VectorIndex.load(path)
+    vectors = stored.vectors(dim)  # decoded once: for building or adding, and for the recall check
+    if saved is not None and kind in ("auto", saved.kind) and np.isin(saved.ids, ids).all():
+        added = _add_missing(saved, vectors, ids)
         if added:
             saved.save(path)
-        return IndexResult(name, path, saved, added, _recall(saved, stored, dim))
-    index = VectorIndex.build(stored.vectors(dim), ids, kind, seed)
+        return IndexResult(name, path, saved, added, _recall(saved, stored, vectors))
+    index = VectorIndex.build(vectors, ids, kind, seed)
     index.save(path)
-    return IndexResult(name, path, index, None, _recall(index, stored, dim))
+    return IndexResult(name, path, index, None, _recall(index, stored, vectors))
 
 
-def _add_missing(index: VectorIndex, stored: StoreVersion, ids: np.ndarray, dim: int) -> int:
+def _add_missing(index: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> int:
     """Adds the version's items that `index` lacks, in the version's order; returns how many."""
     new = np.flatnonzero(~np.isin(ids, index.ids))
     if new.size:
-        index.add(stored.vectors(dim)[new], ids[new])
+        index.add(vectors[new], ids[new])
     return int(new.size)
 
 
-def _recall(index: VectorIndex, stored: StoreVersion, dim: int) -> float | None:
+def _recall(index: VectorIndex, stored: StoreVersion, vectors: np.ndarray) -> float | None:
     """recall@10 of an approximate index against exact search on a sample of its own vectors."""
     if index.kind == "exact":
         return None
-    vectors = stored.vectors(dim)[stored.rows(index.ids)]  # in index position order
-    return ann_recall(index, vectors, sample=RECALL_SAMPLE, k=RECALL_K)
+    return ann_recall(index, vectors[stored.rows(index.ids)], sample=RECALL_SAMPLE, k=RECALL_K)  # index order
 
 
 def print_results(stored: StoreVersion, results: list[IndexResult]) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -42,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moon.data.tables import MANIFEST, utc_now
+from moon.data.tables import MANIFEST, utc_now, write_parquet_atomic, write_text_atomic
 from moon.errors import UserError
 
 STORE = "store"
@@ -75,9 +74,7 @@ def checkpoint_digest(model_dir: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_shard(path: Path, item_ids: Sequence[str], vectors: np.ndarray) -> int:
@@ -88,9 +85,7 @@ def write_shard(path: Path, item_ids: Sequence[str], vectors: np.ndarray) -> int
     vectors = normalise(vectors).astype(np.float16)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), type=pa.float16()), vectors.shape[1])
     table = pa.table({"item_id": pa.array(list(item_ids), type=pa.string()), "vector": column})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    write_parquet_atomic(table, path)
     return table.num_rows
 
 
