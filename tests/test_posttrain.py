@@ -40,6 +40,7 @@ TRAIN = [
     "posttrain.stage2.log_every=1",
     "posttrain.stage2.queue_size=16",
     "posttrain.stage2.hard_negatives=2",
+    "posttrain.stage2.catalogue_pairs=0",
     "posttrain.stage2.chunk_size=3",
 ]
 
