@@ -212,7 +212,7 @@ class BaselineEmbedder:
         out = np.empty((len(texts), self.text_dims), dtype=np.float32)
         for start, stop, advance in _batches(len(texts), "embed texts", "texts"):
             projected = self.tfidf.transform(texts[start:stop]) @ self.projection
-            out[start:stop] = _l2_normalise(np.asarray(projected, dtype=np.float32))
+            out[start:stop] = l2_normalise(np.asarray(projected, dtype=np.float32))
             advance(stop - start)
         return out
 
@@ -251,7 +251,7 @@ class BaselineEmbedder:
 def combine(text: np.ndarray, image: np.ndarray) -> np.ndarray:
     """Text+image vectors from unit-norm text and image parts; a zero part leaves the other alone."""
     joined = np.concatenate([text * np.sqrt(TEXT_SHARE), image * np.sqrt(1 - TEXT_SHARE)], axis=1)
-    return _l2_normalise(joined.astype(np.float32, copy=False))
+    return l2_normalise(joined.astype(np.float32, copy=False))
 
 
 def _check_view(view: str) -> None:
@@ -354,7 +354,7 @@ def _describe(pixels: np.ndarray) -> np.ndarray:
         _histogram(orientation * (ORIENTATION_BINS / np.pi), ORIENTATION_BINS, inner * magnitude, circular=True),
         np.stack([edge, 1 - edge], axis=1),
     ]
-    return _l2_normalise(np.concatenate([_hellinger(block) for block in blocks], axis=1).astype(np.float32))
+    return l2_normalise(np.concatenate([_hellinger(block) for block in blocks], axis=1).astype(np.float32))
 
 
 def _pixel_weights(pixels: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -430,7 +430,8 @@ def _hellinger(histogram: np.ndarray) -> np.ndarray:
 # ---- helpers ----------------------------------------------------------------------------
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; an all-zero row stays zero."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 

@@ -35,6 +35,7 @@ from moon.eval.retrieval import (
     relevant_sets,
     retrieval_recall,
 )
+from moon.model.backbone import set_bidirectional
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
@@ -129,7 +130,7 @@ def _models(config, run_dir, items: pa.Table, views: ItemViews, photos: list[byt
     found = {stage: model_dir(run_dir, stage) for stage in MODELS if has_table(run_dir, f"models/{stage}")}
     for label, path in {**found, **(extra_models or {})}.items():
         embedder = Embedder.load(path)
-        embedder.backbone.language_model.config.is_causal = not config.model.bidirectional
+        set_bidirectional(embedder.backbone, config.model.bidirectional)
         yield label, _embed(embedder, views, photos, texts, _served_items(run_dir, path, views))
 
 

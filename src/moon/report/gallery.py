@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from moon import ui
 from moon.config import MoonConfig
@@ -20,13 +21,13 @@ from moon.data.tables import has_table, read_table
 from moon.errors import UserError
 from moon.eval.image_search import ITEM_VIEW
 from moon.eval.retrieval import top_k
-from moon.model.backbone import set_bidirectional
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
 from moon.report.html import Section, not_run, note, text, thumbnail
-from moon.represent.batch import resolve_model
-from moon.store.versions import Store, checkpoint_digest
+from moon.represent.batch import load_embedder, resolve_model
+from moon.store.search import version_made_by
+from moon.store.versions import Store
 
 QUERIES = 8
 RESULTS = 5
@@ -54,8 +55,7 @@ def section(config: MoonConfig, run_dir: Path) -> Section:
     if queries.num_rows == 0:
         return Section("image-search-gallery", title, note("the evaluation set holds no photo queries"))
     items = read_table(run_dir, "items", ["item_id", "title", "category", "attributes", "image"])
-    embedder = Embedder.load(path)
-    set_bidirectional(embedder.backbone, config.model.bidirectional)
+    embedder = load_embedder(path, config.model.bidirectional, torch.device("cpu"))
     catalogue = catalogue_vectors(run_dir, path, items, embedder)
     ui.log(f"gallery: {label} model; catalogue vectors {catalogue.source}")
 
@@ -102,12 +102,9 @@ def search(embedder: Embedder, catalogue: Catalogue, queries: pa.Table, rng: np.
 def catalogue_vectors(run_dir: Path, model_path: Path, items: pa.Table, embedder: Embedder) -> Catalogue:
     """The latest store version when the same weights made it in the served view, else the catalogue
     encoded now: vectors from other weights live in another space and cannot be searched with these."""
-    try:
-        version = Store(run_dir).latest()
-    except UserError:
-        version = None
-    if (version is not None and version.manifest.get("item_view") == ITEM_VIEW
-            and version.manifest.get("checkpoint_digest") == checkpoint_digest(model_path)):
+    name = version_made_by(run_dir, model_path)
+    version = Store(run_dir).open(name) if name else None
+    if version is not None and version.manifest.get("item_view") == ITEM_VIEW:
         return Catalogue(version.item_ids(), version.vectors(), f"store version {version.name}")
     views = ItemViews(items)
     vectors = embedder.encode(views.inputs(range(len(views)), ITEM_VIEW))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moon.data.tables import MANIFEST
+from moon.eval.image_search import MODELS
 from moon.report import plots
 from moon.report.html import Html, Section, not_run, note, table, text, value_with_ci
 from moon.train.loop import model_dir
@@ -27,7 +28,6 @@ GROUP_TITLES = {
     "text_search": "text search: held-out text query -> the items its session engaged with",
     "item_to_item": "item -> item: the items its session engaged with after it (itself left out)",
 }
-TRAINED = ("pretrain", "stage1", "stage2")
 SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}  # groups measured on another group's queries
 HEADLINE_K = 10
 DASH = Html.num("-")  # no figure, in a column of numbers
@@ -117,7 +117,7 @@ def _settings(data: dict) -> str:
 def _missing_models(run_dir: Path, measures: list[Measure]) -> str:
     """A note for trained models the evaluation has not seen (trained after it ran)."""
     seen = {f.model for f in measures}
-    missing = [s for s in TRAINED if (model_dir(run_dir, s) / MANIFEST).exists() and s not in seen]
+    missing = [s for s in MODELS if (model_dir(run_dir, s) / MANIFEST).exists() and s not in seen]
     return note(f"not evaluated yet: {', '.join(missing)}: run `moon eval retrieval`") if missing else ""
 
 

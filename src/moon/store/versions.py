@@ -30,6 +30,7 @@ is the re-normalised prefix, so one stored vector serves every dim.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -41,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moon.data.baseline import l2_normalise
 from moon.data.tables import MANIFEST, utc_now, write_parquet_atomic, write_text_atomic
 from moon.errors import UserError
 
@@ -66,8 +68,16 @@ def checkpoint_digest(model_dir: Path) -> str:
     files = sorted(p for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin"))
     if not files:
         raise UserError(f"{model_dir} has no weight files (*.safetensors, *.bin): point --model at a model directory")
+    stats = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest_of_files(stats)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest_of_files(stats: tuple[tuple[str, int, int], ...]) -> str:
+    """Hashed once per set of unchanged files (path, size, mtime): a run asks for the same
+    weights' digest at every stage, and real checkpoints are gigabytes."""
     digest = hashlib.sha256()
-    for file in files:
+    for file in (Path(path) for path, _, _ in stats):
         with file.open("rb") as handle:
             digest.update(file.name.encode() + hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()[:16]
@@ -82,15 +92,11 @@ def write_shard(path: Path, item_ids: Sequence[str], vectors: np.ndarray) -> int
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(item_ids):
         raise ValueError(f"{len(item_ids)} item ids need a ({len(item_ids)}, dim) array, got {vectors.shape}")
-    vectors = normalise(vectors).astype(np.float16)
+    vectors = l2_normalise(vectors).astype(np.float16)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), type=pa.float16()), vectors.shape[1])
     table = pa.table({"item_id": pa.array(list(item_ids), type=pa.string()), "vector": column})
     write_parquet_atomic(table, path)
     return table.num_rows
-
-
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def remove_temporary(folder: Path) -> None:
@@ -240,7 +246,7 @@ class StoreVersion:
         Matryoshka prefix, re-normalised."""
         dim = self._check_dim(dim)
         flat = self.table()["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return normalise(flat.reshape(-1, self.dim)[:, :dim].astype(np.float32))
+        return l2_normalise(flat.reshape(-1, self.dim)[:, :dim].astype(np.float32))
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row of each id in `vectors()`, -1 where the version does not hold it."""
