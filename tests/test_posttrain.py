@@ -1,6 +1,7 @@
 """Post-training: stage 1 and stage 2 train and publish, a killed run resumes, and two real
 torchrun processes train exactly as one process on the whole batch."""
 
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from moon.data.tables import read_table
 from moon.errors import UserError
 from moon.model.views import ItemViews
 from moon.train import posttrain as recipe
-from moon.train.augment import augment
+from moon.train.augment import augment, cut_out
+from moon.train.distill import NO_TARGET, DescriptorDistillation
 from moon.train.loop import model_dir, read_log, work_dir
 
 TRAIN = [
@@ -85,6 +87,39 @@ def test_stage_one_then_stage_two_train_with_every_negative_source(run_dir):
     assert [r["queue"] for r in log] == [4, 8, 12]
     stage1_log = read_log(work_dir(run_dir, "stage1"))
     assert all(r["negatives"] <= 7 for r in stage1_log)  # stage 1: in-batch only, same products masked
+    assert all(r["distill_loss"] > 0 for r in stage1_log)
+
+
+def test_photos_and_items_with_an_image_are_distilled_toward_the_item_pictured(run_dir):
+    pairs = pair_table(run_dir, share=0.25, augment_size=32)
+    batch = pairs.batch(np.arange(len(pairs))[None, :], 0, 0, np.random.default_rng(0))
+    n = len(batch.queries)
+    query_targets, positive_targets = batch.distill_targets[:n].tolist(), batch.distill_targets[n:].tolist()
+    for i, (query, positive) in enumerate(zip(batch.queries, batch.positives)):
+        pictured = int(batch.positive_keys[i, 0])  # the positive item's catalogue row
+        assert query_targets[i] == (pictured if query.text is None else NO_TARGET)
+        assert positive_targets[i] == (pictured if positive.image is not None else NO_TARGET)
+    assert NO_TARGET in query_targets and NO_TARGET in positive_targets  # text queries, text-only items
+
+
+def test_distillation_teaches_an_embedding_to_name_its_item_by_descriptor():
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.nn.functional.normalize(torch.rand(50, 12, generator=generator), dim=-1)
+    distillation = DescriptorDistillation(prototypes, dim=16, temperature=0.02)
+    embeddings = torch.nn.Parameter(torch.randn(6, 16, generator=generator))
+    targets = torch.tensor([3, 17, NO_TARGET, 42, 0, NO_TARGET])
+    optim = torch.optim.Adam([embeddings, *distillation.parameters()], lr=0.05)
+    first = float(distillation(embeddings, targets))
+    for _ in range(200):
+        optim.zero_grad()
+        distillation(embeddings, targets).backward()
+        optim.step()
+    assert float(distillation(embeddings, targets)) < first / 10
+    named = (distillation.head(embeddings.detach()) @ prototypes.T).argmax(1)
+    assert named[targets != NO_TARGET].tolist() == [3, 17, 42, 0]
+    assert embeddings.grad[2].abs().sum() == 0  # an embedding with no image is left alone
+    nothing = distillation(embeddings, torch.full((6,), NO_TARGET))
+    assert float(nothing) == 0 and nothing.requires_grad
 
 
 def test_same_product_candidates_are_masked():
@@ -142,6 +177,29 @@ def test_augmented_views_are_seeded_and_vary():
     assert first.size == (48, 48) and first.mode == "RGB"
     assert np.array_equal(np.asarray(first), np.asarray(again))
     assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+def _whitish_share(image):
+    return float((np.asarray(image) > 200).all(-1).mean())
+
+
+def test_catalogue_products_are_restaged_onto_shoppers_photos():
+    product = Image.new("RGB", (96, 96), (255, 255, 255))  # a red product on a plain white background
+    product.paste((200, 30, 30), (28, 20, 68, 76))
+    cut = cut_out(product)
+    assert cut.mode == "RGBA" and 40 <= cut.width <= 46 and 56 <= cut.height <= 62  # cropped to the product, edge feathered
+    scene = Image.new("RGB", (96, 96), (40, 60, 160))  # a blue room
+    buffer = io.BytesIO()
+    scene.save(buffer, format="JPEG")
+    restaged = [augment(product, np.random.default_rng(seed), 48, [buffer.getvalue()]) for seed in range(20)]
+    plain = [augment(product, np.random.default_rng(seed), 48) for seed in range(20)]
+    # The white catalogue background is gone behind the product; without scenes it stays.
+    assert np.median([_whitish_share(image) for image in restaged]) < 0.02  # a fifth are left as they are
+    assert np.median([_whitish_share(image) for image in plain]) > 0.2
+
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    assert cut_out(noisy) is None  # no plain background to cut along: augmented as it is
+    assert augment(noisy, np.random.default_rng(0), 48, [buffer.getvalue()]).size == (48, 48)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch):

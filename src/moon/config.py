@@ -241,17 +241,26 @@ class PosttrainStage(TrainLoop):
     augment_images: bool = Field(
         True, description="show image queries as a new random view every step (crop, rotation, colour, blur, JPEG)"
     )
+    restage_images: bool = Field(
+        True, description="paste most catalogue self-pair products, cut out of their plain background, onto "
+        "shoppers' photos of the pairs (with augment_images)",
+    )
     catalogue_pairs: float = Field(
         0.0, ge=0, lt=1, description="share of training pairs that are catalogue self-pairs: an augmented "
         "catalogue image as the query, its own item (richer-text+image) as the positive",
     )
+    distill_weight: float = Field(
+        1.0, ge=0, description="weight of the loss that teaches photos and items to name their catalogue image by "
+        "the baseline's colour/texture descriptor (moon.train.distill); 0 for a pretrained checkpoint",
+    )
+    distill_temperature: float = Field(0.02, gt=0, description="softmax temperature of that loss")
 
 
 # Where the stages differ from the shared defaults; a user's keys are applied over these.
 STAGE_DEFAULTS = {
     # Image search guides the model, and photo queries are few: most stage-1 pairs are
     # catalogue self-pairs that teach the photo invariances.
-    "stage1": {"steps": 600, "lr": 1e-3, "warmup_steps": 30, "catalogue_pairs": 0.8},
+    "stage1": {"steps": 1500, "lr": 1e-3, "warmup_steps": 30, "catalogue_pairs": 0.8},
     # Stage 2 continues at stage 1's final learning-rate scale, and keeps most pairs catalogue
     # self-pairs: on purchases alone, at 5e-4, it undid stage 1's image search (demo
     # recall@10 0.135 -> 0.014); so it keeps it (0.162).

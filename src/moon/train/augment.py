@@ -5,13 +5,20 @@ compression and things in front of or around the product. The behaviour logs hol
 few photo queries to learn all of that, so image queries are augmented with the
 standard recipe of self-supervised vision (random resized crop, rotation, flip, colour
 jitter, blur, erasing, JPEG), and catalogue images become extra queries for their own
-item ("catalogue self-pairs"). All randomness comes from the caller's generator, so a
-resumed run sees the same augmented batches.
+item ("catalogue self-pairs").
+
+Catalogue images show the product on a plain background, shoppers' photos in front of a
+room. So, given `scenes` (encoded photos: the shoppers' photos of the training pairs),
+most catalogue images are re-staged first ("copy-paste" augmentation): the product is
+cut out of its plain background and pasted, scaled, tilted and off-centre, onto a
+random zoomed-in crop of a scene. All randomness comes from the caller's generator, so
+a resumed run sees the same augmented batches.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -24,14 +31,24 @@ MAX_ROTATION = 25  # degrees either way
 JITTER = 0.3  # brightness, contrast and saturation factors drawn from 1 +- this
 ERASED_PATCHES = (0, 4)  # solid patches painted over the image: covers, clutter
 
+RESTAGED = 0.8  # share of catalogue images pasted onto a scene, when scenes are given
+PRODUCT_SCALE = (0.6, 1.1)  # the pasted product's longer side, as a share of the image side
+OFFSET = 0.15  # the product's centre moves up to this share of the side from the middle
+SCENE_ZOOM = (0.3, 0.8)  # side of the scene crop, as a share of the scene's side
+BACKGROUND_FROM, BACKGROUND_TO = 12.0, 48.0  # colour difference (levels) over which a pixel becomes product
+PLAIN_BACKGROUND = (0.02, 0.9)  # product share of the image for a cut-out to be trusted
 
-def augment(image: bytes | Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+
+def augment(image: bytes | Image.Image, rng: np.random.Generator, size: int,
+            scenes: Sequence[bytes] = ()) -> Image.Image:
     """A size x size random view of `image`, as a shopper's photo of it could look."""
     image = decode_image(image) if isinstance(image, (bytes, bytearray)) else image.convert("RGB")
-    image = _resized_crop(image, rng, size)
+    staged = _restage(image, rng, size, scenes) if len(scenes) and rng.random() < RESTAGED else None
+    image = staged if staged is not None else _resized_crop(image, rng, size)
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    image = image.rotate(rng.uniform(-MAX_ROTATION, MAX_ROTATION), Image.BILINEAR, fillcolor=_colour(rng))
+    if staged is None:  # a staged product is tilted already, in front of a whole scene
+        image = image.rotate(rng.uniform(-MAX_ROTATION, MAX_ROTATION), Image.BILINEAR, fillcolor=_colour(rng))
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         image = enhance(image).enhance(rng.uniform(1 - JITTER, 1 + JITTER))
     _erase(image, rng)
@@ -50,6 +67,49 @@ def _resized_crop(image: Image.Image, rng: np.random.Generator, size: int) -> Im
     h = int(min(height, round(np.sqrt(area / ratio))))
     x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
     return image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+
+
+def _restage(image: Image.Image, rng: np.random.Generator, size: int, scenes: Sequence[bytes]) -> Image.Image | None:
+    """The product of a plain-background image pasted onto a scene; None if it has no plain background."""
+    product = cut_out(image)
+    if product is None:
+        return None
+    scene = _scene_crop(decode_image(scenes[int(rng.integers(len(scenes)))]), rng, size)
+    scale = size * rng.uniform(*PRODUCT_SCALE) / max(product.size)
+    product = product.resize((max(1, round(product.width * scale)), max(1, round(product.height * scale))),
+                             Image.BILINEAR)
+    product = product.rotate(rng.uniform(-MAX_ROTATION, MAX_ROTATION), Image.BILINEAR, expand=True)
+    corner = size * (0.5 + rng.uniform(-OFFSET, OFFSET, 2)) - np.array(product.size) / 2
+    scene.paste(product, tuple(int(c) for c in corner), product)
+    return scene
+
+
+def cut_out(image: Image.Image) -> Image.Image | None:
+    """The product as RGBA, cropped to it: whatever differs from the border's median colour.
+
+    None when the image has no plain background to cut along (too little or too much of it
+    differs from the border).
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    difference = np.abs(pixels - np.median(border, axis=0)).max(axis=-1)
+    alpha = np.clip((difference - BACKGROUND_FROM) / (BACKGROUND_TO - BACKGROUND_FROM), 0, 1)
+    if not PLAIN_BACKGROUND[0] <= alpha.mean() <= PLAIN_BACKGROUND[1]:
+        return None
+    # Close pinholes where the product's colour touches the background's, then feather the edge.
+    mask = Image.fromarray((alpha * 255).astype(np.uint8), "L").filter(ImageFilter.MaxFilter(3))
+    mask = mask.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.GaussianBlur(0.6))
+    product = image.copy()
+    product.putalpha(mask)
+    return product.crop(mask.getbbox())
+
+
+def _scene_crop(scene: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+    """A random square zoomed into a scene, size x size: a stretch of room behind the product."""
+    side = min(scene.size) * rng.uniform(*SCENE_ZOOM)
+    x, y = rng.uniform(0, scene.width - side), rng.uniform(0, scene.height - side)
+    return scene.resize((size, size), Image.BILINEAR, box=(x, y, x + side, y + side))
 
 
 def _erase(image: Image.Image, rng: np.random.Generator) -> None:

@@ -35,6 +35,7 @@ from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews, query_input
 from moon.train.augment import augment
+from moon.train.distill import DescriptorDistillation, targets
 from moon.train.grad_cache import grad_cache_step
 from moon.train.loop import (
     Checkpoints,
@@ -60,17 +61,24 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     processes = Processes.start()
     items = ItemViews(read_table(run_dir, "items"))
     pairs = PairTable(train_pairs(run_dir, stage), items, product_keys(run_dir, items), settings.catalogue_pairs,
-                      config.model.image_size if settings.augment_images else None)
+                      config.model.image_size if settings.augment_images else None, settings.restage_images)
     embedder, source = starting_embedder(config, run_dir, stage, pairs)
     embedder.backbone = prepare_for_training(embedder.backbone, config.model)
     embedder.to(processes.device).train()
     temperatures = TaskTemperatures(schema.TASKS, settings.temperature, settings.learnable_temperature)
     temperatures.to(processes.device)
+    distillation = None
+    if settings.distill_weight:
+        distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature,
+                                                            config.seed).to(processes.device)
+    heads = [*temperatures.parameters(), *(distillation.parameters() if distillation else ())]  # outside DDP
     # text-only batches leave the vision tower unused, hence find_unused_parameters
     model = processes.data_parallel(embedder, find_unused_parameters=True)
-    optim, schedule = optimiser([*embedder.parameters(), *temperatures.parameters()], settings)
+    optim, schedule = optimiser([*embedder.parameters(), *heads], settings)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
     state = {"model": embedder, "temperatures": temperatures, "optimiser": optim, "schedule": schedule, "queue": queue}
+    if distillation:
+        state["distillation"] = distillation
 
     checkpoints = Checkpoints(work_dir(run_dir, STAGES[stage]), processes, config.digest(*SECTIONS))
     start, _ = checkpoints.restore(state)
@@ -79,7 +87,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if start:
         ui.log(f"resuming post-training stage {stage} after step {start}")
 
-    step_loss = ContrastiveStep(model, embedder, temperatures, queue, settings, processes)
+    step_loss = ContrastiveStep(model, embedder, temperatures, distillation, queue, settings, processes)
     with ui.progress(f"post-train stage {stage}", settings.steps * global_batch, unit="pairs") as advance:
         advance(start * global_batch)
         clock, since = time.perf_counter(), start
@@ -88,7 +96,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
             rng = np.random.default_rng([config.seed, stage, step])
             batch = pairs.batch(indices, processes.rank, settings.hard_negatives, rng)
             stats = step_loss(batch, step)
-            torch.nn.utils.clip_grad_norm_([*embedder.parameters(), *temperatures.parameters()], 1.0)
+            torch.nn.utils.clip_grad_norm_([*embedder.parameters(), *heads], 1.0)
             optim.step()
             schedule.step()
             optim.zero_grad(set_to_none=True)
@@ -161,6 +169,7 @@ class Batch:
     weights: torch.Tensor  # global
     positive_keys: torch.Tensor  # global (B, 3)
     hard_keys: torch.Tensor  # global (H, 3)
+    distill_targets: torch.Tensor  # global (2B,): the catalogue row each query, then each positive, pictures
 
 
 class PairTable:
@@ -168,14 +177,15 @@ class PairTable:
 
     `catalogue_share` of the pairs are catalogue self-pairs (an item's own image as the
     query, augmented, and the item as the positive), added after the behaviour pairs.
-    With `augment_size`, every image query is a new random view of size x size pixels.
+    With `augment_size`, every image query is a new random view of size x size pixels;
+    with `restage` too, catalogue self-pairs are mostly pasted onto the pairs' photos.
     """
 
     def __init__(self, table: pa.Table, items: ItemViews, keys: torch.Tensor, catalogue_share: float = 0.0,
-                 augment_size: int | None = None):
+                 augment_size: int | None = None, restage: bool = False):
         if table.num_rows == 0:
             raise UserError("the pair table has no training pairs: simulate more behaviour or lower pairs.test_days")
-        self.items, self.keys, self.augment_size = items, keys, augment_size
+        self.items, self.keys, self.augment_size, self.restage = items, keys, augment_size, restage
         self.tasks = table["task"].to_pylist()
         self.query_views = table["query_view"].to_pylist()
         self.query_texts_ = table["query_text"].to_pylist()
@@ -185,8 +195,14 @@ class PairTable:
         self.item_views = table["item_view"].to_pylist()
         self.hard_rows = [items.rows(ids) for ids in table["hard_neg_item_ids"].to_pylist()]
         self.weights = table["weight"].to_numpy()
+        self.behaviour_pairs = table.num_rows  # the catalogue self-pairs follow
+        # Shoppers' photos are the scenes that catalogue self-pairs are re-staged onto.
+        self.scenes = [image for image, view in zip(self.query_images, self.query_views) if view == "image"]
         self._add_catalogue_pairs(round(table.num_rows * catalogue_share / (1 - catalogue_share)))
         self.weights = torch.tensor(self.weights, dtype=torch.float32)
+        # A photo query pictures its positive item; an item view with an image pictures itself.
+        self.query_pictures = targets(self.positive_rows, np.array(self.query_views) == "image")
+        self.positive_pictures = targets(self.positive_rows, np.char.endswith(np.array(self.item_views), "image"))
 
     def _add_catalogue_pairs(self, count: int) -> None:
         rows = np.arange(count) % len(self.items)
@@ -223,12 +239,14 @@ class PairTable:
             weights=self.weights[flat],
             positive_keys=self.keys[self.positive_rows[flat]],
             hard_keys=self.keys[hard_rows] if len(hard_rows) else self.keys[:0],
+            distill_targets=torch.from_numpy(np.concatenate([self.query_pictures[flat], self.positive_pictures[flat]])),
         )
 
     def _query(self, i: int, view_seed: int) -> Input:
         query = query_input(self.query_views[i], self.query_texts_[i], self.query_images[i], self.query_rows[i], self.items)
         if self.augment_size and self.query_views[i] == "image":
-            query = Input(None, augment(query.image, np.random.default_rng(view_seed), self.augment_size))
+            scenes = self.scenes if self.restage and i >= self.behaviour_pairs else ()
+            query = Input(None, augment(query.image, np.random.default_rng(view_seed), self.augment_size, scenes))
         return query
 
     def _hard(self, i: int, per_pair: float, rng: np.random.Generator) -> np.ndarray:
@@ -242,9 +260,11 @@ class PairTable:
 class ContrastiveStep:
     """Forward and backward of one step; gradients are left in the parameters."""
 
-    def __init__(self, model, embedder: Embedder, temperatures: TaskTemperatures, queue: EmbeddingQueue,
-                 settings: PosttrainStage, processes: Processes):
+    def __init__(self, model, embedder: Embedder, temperatures: TaskTemperatures,
+                 distillation: DescriptorDistillation | None, queue: EmbeddingQueue, settings: PosttrainStage,
+                 processes: Processes):
         self.model, self.embedder, self.temperatures, self.queue = model, embedder, temperatures, queue
+        self.distillation = distillation
         self.settings, self.processes = settings, processes
         self.dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
         self.dim_weights = settings.matryoshka_weights or [1.0] * len(self.dims)
@@ -273,14 +293,20 @@ class ContrastiveStep:
                 return (per_pair * weights).sum() / weights.sum()
 
             value = matryoshka(weighted_info_nce, queries, candidates, self.dims, self.dim_weights)
+            if self.distillation is not None:
+                distilled = self.distillation(torch.cat([queries, positives]), batch.distill_targets.to(device))
+                record["distill"] = distilled.detach()
+                value = value + self.settings.distill_weight * distilled
             record.update(loss=value.detach(), positives=positives.detach(), candidates=len(candidates))
             # Every rank computes the whole batch's loss but back-propagates only into its own
             # rows; DDP averages over ranks, so the world size restores the full gradient.
             return value * self.processes.world_size
 
         self._forward_backward(batch.queries + batch.positives, loss)
-        if self.processes.world_size > 1 and self.temperatures.log_temperature.grad is not None:
-            self.temperatures.log_temperature.grad /= self.processes.world_size  # identical on every rank, not averaged
+        if self.processes.world_size > 1:  # heads outside DDP get the same gradient on every rank, not averaged
+            for parameter in [*self.temperatures.parameters(), *(self.distillation.parameters() if self.distillation else ())]:
+                if parameter.grad is not None:
+                    parameter.grad /= self.processes.world_size
         self.queue.push(record["positives"], batch.positive_keys, step)
         return self._stats(batch, record, masked)
 
@@ -316,8 +342,10 @@ class ContrastiveStep:
             rows = [i for i, t in enumerate(batch.tasks) if t == task]
             by_task[task] = float(per_pair[rows].mean())
         negatives = (record["candidates"] - masked.sum(1)).float().mean().item()  # masked includes the positive
-        return {"loss": float(record["loss"]), "loss_by_task": by_task, "negatives": negatives,
-                "queue": len(self.queue)}
+        stats = {"loss": float(record["loss"]), "loss_by_task": by_task, "negatives": negatives, "queue": len(self.queue)}
+        if "distill" in record:
+            stats["distill_loss"] = float(record["distill"])
+        return stats
 
 
 def _same_product(positive_keys: torch.Tensor, candidate_keys: torch.Tensor) -> torch.Tensor:
