@@ -1,6 +1,7 @@
 """Post-training speed of the tiny preset: pairs/s, achieved FLOP/s against this machine's
 matmul peak measured in the same run, and the cost of stage 2's extras (hard negatives,
-queue, gather) against a plain in-batch InfoNCE step of the same model.
+queue, gather, descriptor distillation) against a plain in-batch InfoNCE step of the same
+model.
 
     python benchmarks/train.py [--run-dir runs/demo] [--steps 20]
 
@@ -25,6 +26,7 @@ from moon.data.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.train import posttrain as recipe
+from moon.train.distill import DescriptorDistillation
 from moon.train.loop import Processes, global_batch_indices, optimiser
 from moon.train.losses import TaskTemperatures
 from moon.train.negatives import EmbeddingQueue
@@ -47,9 +49,13 @@ def trainer(run_dir: Path, stage: int, overrides: list[str]):
     pairs = recipe.PairTable(recipe.train_pairs(run_dir, stage), items, recipe.product_keys(run_dir, items))
     embedder = Embedder.create(config.model, items.texts(), seed=0)
     temperatures = TaskTemperatures(recipe.schema.TASKS, settings.temperature)
-    optim, _ = optimiser([*embedder.parameters(), *temperatures.parameters()], settings)
+    distillation = None
+    if settings.distill_weight:
+        distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature)
+    heads = [*temperatures.parameters(), *(distillation.parameters() if distillation else ())]
+    optim, _ = optimiser([*embedder.parameters(), *heads], settings)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
-    step = recipe.ContrastiveStep(embedder, embedder, temperatures, queue, settings, Processes())
+    step = recipe.ContrastiveStep(embedder, embedder, temperatures, distillation, queue, settings, Processes())
 
     def run(index: int) -> None:
         indices = global_batch_indices(len(pairs), settings.batch_size, index, 0, 1)
@@ -85,8 +91,9 @@ def main() -> None:
     peak = matmul_peak()
     print(json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1)}))
 
-    # plain in-batch InfoNCE on the stage-2 pairs: no hard negatives, no queue
-    plain_overrides = ["posttrain.stage2.hard_negatives=0", "posttrain.stage2.queue_size=0"]
+    # plain in-batch InfoNCE on the stage-2 pairs: no hard negatives, no queue, no distillation
+    plain_overrides = ["posttrain.stage2.hard_negatives=0", "posttrain.stage2.queue_size=0",
+                       "posttrain.stage2.distill_weight=0"]
     plain, batch = trainer(run_dir, 2, plain_overrides)
     full, _ = trainer(run_dir, 2, [])
     plain_rate = pairs_per_second(plain, batch, args.steps)
