@@ -52,10 +52,9 @@ def trainer(run_dir: Path, stage: int, overrides: list[str]):
     distillation = None
     if settings.distill_weight:
         distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature)
-    heads = [*temperatures.parameters(), *(distillation.parameters() if distillation else ())]
-    optim, _ = optimiser([*embedder.parameters(), *heads], settings)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
     step = recipe.ContrastiveStep(embedder, embedder, temperatures, distillation, queue, settings, Processes())
+    optim, _ = optimiser([*embedder.parameters(), *step.heads], settings)
 
     def run(index: int) -> None:
         indices = global_batch_indices(len(pairs), settings.batch_size, index, 0, 1)

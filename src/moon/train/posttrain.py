@@ -71,11 +71,11 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if settings.distill_weight:
         distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature,
                                                             config.seed).to(processes.device)
-    heads = [*temperatures.parameters(), *(distillation.parameters() if distillation else ())]  # outside DDP
     # text-only batches leave the vision tower unused, hence find_unused_parameters
     model = processes.data_parallel(embedder, find_unused_parameters=True)
-    optim, schedule = optimiser([*embedder.parameters(), *heads], settings)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
+    step_loss = ContrastiveStep(model, embedder, temperatures, distillation, queue, settings, processes)
+    optim, schedule = optimiser([*embedder.parameters(), *step_loss.heads], settings)
     state = {"model": embedder, "temperatures": temperatures, "optimiser": optim, "schedule": schedule, "queue": queue}
     if distillation:
         state["distillation"] = distillation
@@ -87,7 +87,6 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if start:
         ui.log(f"resuming post-training stage {stage} after step {start}")
 
-    step_loss = ContrastiveStep(model, embedder, temperatures, distillation, queue, settings, processes)
     with ui.progress(f"post-train stage {stage}", settings.steps * global_batch, unit="pairs") as advance:
         advance(start * global_batch)
         clock, since = time.perf_counter(), start
@@ -96,7 +95,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
             rng = np.random.default_rng([config.seed, stage, step])
             batch = pairs.batch(indices, processes.rank, settings.hard_negatives, rng)
             stats = step_loss(batch, step)
-            torch.nn.utils.clip_grad_norm_([*embedder.parameters(), *heads], 1.0)
+            torch.nn.utils.clip_grad_norm_([*embedder.parameters(), *step_loss.heads], 1.0)
             optim.step()
             schedule.step()
             optim.zero_grad(set_to_none=True)
@@ -265,6 +264,8 @@ class ContrastiveStep:
                  processes: Processes):
         self.model, self.embedder, self.temperatures, self.queue = model, embedder, temperatures, queue
         self.distillation = distillation
+        # Parameters outside DDP: every rank computes the same gradient for them.
+        self.heads = [*temperatures.parameters(), *(distillation.parameters() if distillation else ())]
         self.settings, self.processes = settings, processes
         self.dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
         self.dim_weights = settings.matryoshka_weights or [1.0] * len(self.dims)
@@ -303,8 +304,8 @@ class ContrastiveStep:
             return value * self.processes.world_size
 
         self._forward_backward(batch.queries + batch.positives, loss)
-        if self.processes.world_size > 1:  # heads outside DDP get the same gradient on every rank, not averaged
-            for parameter in [*self.temperatures.parameters(), *(self.distillation.parameters() if self.distillation else ())]:
+        if self.processes.world_size > 1:  # not averaged by DDP: the scaled loss's gradient, unscaled
+            for parameter in self.heads:
                 if parameter.grad is not None:
                     parameter.grad /= self.processes.world_size
         self.queue.push(record["positives"], batch.positive_keys, step)
