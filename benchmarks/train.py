@@ -94,7 +94,7 @@ def main() -> None:
     plain_overrides = ["posttrain.stage2.hard_negatives=0", "posttrain.stage2.queue_size=0",
                        "posttrain.stage2.distill_weight=0"]
     plain, batch = trainer(run_dir, 2, plain_overrides)
-    full, _ = trainer(run_dir, 2, [])
+    full, _ = trainer(run_dir, 2, ["posttrain.stage2.queue_size=256"])  # every extra, the queue too
     plain_rate = pairs_per_second(plain, batch, args.steps)
     full_rate = pairs_per_second(full, batch, args.steps)
     print(json.dumps({"plain_pairs_per_s": round(plain_rate, 1), "stage2_pairs_per_s": round(full_rate, 1)}))
