@@ -37,6 +37,7 @@ OFFSET = 0.15  # the product's centre moves up to this share of the side from th
 SCENE_ZOOM = (0.3, 0.8)  # side of the scene crop, as a share of the scene's side
 BACKGROUND_FROM, BACKGROUND_TO = 12.0, 48.0  # colour difference (levels) over which a pixel becomes product
 PLAIN_BACKGROUND = (0.02, 0.9)  # product share of the image for a cut-out to be trusted
+WORK_SIDE = 4  # a catalogue image is cut out at no more than this multiple of the output side
 
 
 def augment(image: bytes | Image.Image, rng: np.random.Generator, size: int,
@@ -71,6 +72,8 @@ def _resized_crop(image: Image.Image, rng: np.random.Generator, size: int) -> Im
 
 def _restage(image: Image.Image, rng: np.random.Generator, size: int, scenes: Sequence[bytes]) -> Image.Image | None:
     """The product of a plain-background image pasted onto a scene; None if it has no plain background."""
+    image = image.copy()
+    image.thumbnail((WORK_SIDE * size, WORK_SIDE * size))  # cut large catalogue photos at a few pixels per output pixel
     product = cut_out(image)
     if product is None:
         return None
