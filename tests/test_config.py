@@ -4,8 +4,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from moon.config import MoonConfig, load_config, render_yaml
+from moon.config import MoonConfig, default_config_path, load_config, render_yaml
+from moon.data.pairs import SECTIONS as PAIRS
 from moon.errors import UserError
+from moon.train.posttrain import SECTIONS as POSTTRAIN
+from moon.train.pretrain import SECTIONS as PRETRAIN
 
 
 def all_models(model=MoonConfig):
@@ -21,6 +24,23 @@ def test_embedded_default_is_the_demo_world():
     assert config.name == "demo"
     assert config.world.items == 2000
     assert config.world.leaf_categories >= 50
+
+
+@pytest.mark.parametrize("short, long", [("demo", "demo-long"), ("fashion44k", "fashion44k-long")])
+def test_a_long_config_retrains_only_the_models(short, long):
+    """Over a copy of the short config's run directory, the long one reuses world, pairs and pretraining."""
+    configs = default_config_path().parent
+    short, long = load_config(configs / f"{short}.yaml"), load_config(configs / f"{long}.yaml")
+    assert long.name != short.name  # its own run directory
+    for sections in (PAIRS, PRETRAIN):
+        assert long.digest(*sections) == short.digest(*sections)
+    assert long.digest(*POSTTRAIN) != short.digest(*POSTTRAIN)
+    assert long.posttrain.stage1.steps > short.posttrain.stage1.steps
+
+
+def test_every_shipped_config_loads():
+    for path in default_config_path().parent.glob("*.yaml"):
+        assert load_config(path).name == path.stem
 
 
 def test_every_field_has_a_default_and_a_description():
