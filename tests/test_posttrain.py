@@ -109,17 +109,17 @@ def test_distillation_teaches_an_embedding_to_name_its_item_by_descriptor():
     embeddings = torch.nn.Parameter(torch.randn(6, 16, generator=generator))
     targets = torch.tensor([3, 17, NO_TARGET, 42, 0, NO_TARGET])
     optim = torch.optim.Adam([embeddings, *distillation.parameters()], lr=0.05)
-    first = float(distillation(embeddings, targets))
+    first = distillation(embeddings, targets).item()
     for _ in range(200):
         optim.zero_grad()
         distillation(embeddings, targets).backward()
         optim.step()
-    assert float(distillation(embeddings, targets)) < first / 10
+    assert distillation(embeddings, targets).item() < first / 10
     named = (distillation.head(embeddings.detach()) @ prototypes.T).argmax(1)
     assert named[targets != NO_TARGET].tolist() == [3, 17, 42, 0]
     assert embeddings.grad[2].abs().sum() == 0  # an embedding with no image is left alone
     nothing = distillation(embeddings, torch.full((6,), NO_TARGET))
-    assert float(nothing) == 0 and nothing.requires_grad
+    assert nothing.item() == 0 and nothing.requires_grad
 
 
 def test_same_product_candidates_are_masked():
