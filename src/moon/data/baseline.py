@@ -357,8 +357,8 @@ def _describe(pixels: np.ndarray) -> np.ndarray:
     return l2_normalise(np.concatenate([_hellinger(block) for block in blocks], axis=1).astype(np.float32))
 
 
-def _pixel_weights(pixels: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """(n, SIDE, SIDE) weights summing to 1 per image: centred, and low on the background colour."""
+def background_colour(pixels: np.ndarray) -> np.ndarray:
+    """(n, 3) float RGB of a batch of (n, H, W, 3) images' backgrounds: their outer frame's median."""
     n = len(pixels)
     frame = np.concatenate(
         [
@@ -369,8 +369,12 @@ def _pixel_weights(pixels: np.ndarray, rgb: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     )
-    background = np.median(frame, axis=1).astype(np.float32)
-    difference = np.abs(rgb - background[:, None, None, :]).max(axis=-1)
+    return np.median(frame, axis=1).astype(np.float32)
+
+
+def _pixel_weights(pixels: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """(n, SIDE, SIDE) weights summing to 1 per image: centred, and low on the background colour."""
+    difference = np.abs(rgb - background_colour(pixels)[:, None, None, :]).max(axis=-1)
     foreground = np.clip((difference - FOREGROUND_FROM) / (FOREGROUND_TO - FOREGROUND_FROM), 0, 1)
     weights = _CENTRE_WEIGHTS * (BACKGROUND_WEIGHT + (1 - BACKGROUND_WEIGHT) * foreground)
     return weights / weights.sum(axis=(1, 2), keepdims=True)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from moon.data.baseline import background_colour
 from moon.data.world.photos import decode_image
 
 CROP_SCALE = (0.35, 1.0)  # share of the image area a random crop keeps
@@ -88,15 +89,13 @@ def _restage(image: Image.Image, rng: np.random.Generator, size: int, scenes: Se
 
 
 def cut_out(image: Image.Image) -> Image.Image | None:
-    """The product as RGBA, cropped to it: whatever differs from the border's median colour.
+    """The product as RGBA, cropped to it: whatever differs from the background colour the baseline sees.
 
     None when the image has no plain background to cut along (too little or too much of it
     differs from the border).
     """
     pixels = np.asarray(image, dtype=np.float32)
-    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
-    difference = np.abs(pixels - np.median(border, axis=0)).max(axis=-1)
+    difference = np.abs(pixels - background_colour(pixels[None])[0]).max(axis=-1)
     alpha = np.clip((difference - BACKGROUND_FROM) / (BACKGROUND_TO - BACKGROUND_FROM), 0, 1)
     if not PLAIN_BACKGROUND[0] <= alpha.mean() <= PLAIN_BACKGROUND[1]:
         return None
