@@ -24,8 +24,8 @@ from train import matmul_peak  # benchmarks/train.py, beside this file
 
 from moon import ui
 from moon.config import load_config
-from moon.data.tables import dataset
-from moon.eval.image_search import ITEM_VIEW
+from moon.io.tables import dataset
+from moon.eval.retrieval import ITEM_VIEW
 from moon.model.backbone import set_bidirectional
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews

@@ -28,7 +28,7 @@ import json, sys
 from pathlib import Path
 from moon import ui
 from moon.config import load_config
-from moon.data.pairs import build_pairs
+from moon.pairs.build import build_pairs
 ui.set_quiet(True)
 accounting = build_pairs(load_config(None, []), Path(sys.argv[1]))
 print(json.dumps(accounting.totals["seconds"]))
@@ -37,8 +37,8 @@ print(json.dumps(accounting.totals["seconds"]))
 
 def replay_log(world: Path, run_dir: Path, events: int) -> int:
     """Copies the world's items and writes its events again and again, as other users, up to `events` rows."""
-    from moon.data import schema
-    from moon.data.tables import TableWriter, read_manifest, read_table
+    from moon.io import schema
+    from moon.io.tables import TableWriter, read_manifest, read_table
 
     for table in ("items",):
         (run_dir / table).mkdir(parents=True)
@@ -58,8 +58,8 @@ def replay_log(world: Path, run_dir: Path, events: int) -> int:
 
 
 def scan_events_per_s(run_dir: Path) -> float:
-    from moon.data.pairs import INTERACTION_COLUMNS
-    from moon.data.tables import dataset
+    from moon.pairs.build import INTERACTION_COLUMNS
+    from moon.io.tables import dataset
 
     started = time.perf_counter()
     rows = 0
@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     from moon import ui
     from moon.config import load_config
-    from moon.data.world.simulate import simulate
+    from moon.sources.simulate.write import simulate
 
     ui.set_quiet(True)
     with tempfile.TemporaryDirectory() as tmp:

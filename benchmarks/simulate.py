@@ -27,7 +27,7 @@ import json, sys
 from pathlib import Path
 from moon import ui
 from moon.config import load_config
-from moon.data.world.simulate import simulate
+from moon.sources.simulate.write import simulate
 ui.set_quiet(True)
 counts = simulate(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
 print(json.dumps(counts))
@@ -93,8 +93,8 @@ def simulate_in_child(items: int, users: int, days: int, run_dir: str) -> dict:
 def render_only(items: int) -> float:
     """Items/s of drawing and encoding catalogue images alone, the catalogue's irreducible cost."""
     from moon.config import load_config
-    from moon.data.world.catalog import build_catalog, look
-    from moon.data.world.render import draw_item, encode_png
+    from moon.sources.simulate.catalog import build_catalog, look
+    from moon.sources.simulate.render import draw_item, encode_png
 
     config = load_config(None, [f"world.items={items}"])
     catalog = build_catalog(config.world, config.behaviour, config.seed)

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moon import ui
 from moon.config import load_config
-from moon.data.tables import read_table
+from moon.io.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.train import posttrain as recipe

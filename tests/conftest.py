@@ -47,8 +47,8 @@ def store_config(*overrides):
 
 def write_items(run_dir, items):
     """Replaces the run's items table, as a catalogue refresh would."""
-    from moon.data import schema
-    from moon.data.tables import TableWriter
+    from moon.io import schema
+    from moon.io.tables import TableWriter
 
     with TableWriter(run_dir, "items", schema.ITEMS) as writer:
         writer.write(items)
@@ -57,13 +57,14 @@ def write_items(run_dir, items):
 
 def publish_untrained(run_dir, stage: str, seed: int):
     """An untrained tiny embedder published where a trained stage would be."""
-    from moon.data.tables import read_table
+    from moon.io.tables import read_table
     from moon.model.embedder import Embedder
     from moon.model.views import ItemViews
-    from moon.train.loop import model_dir, publish
+    from moon.run import RunDir
+    from moon.train.loop import publish
 
     embedder = Embedder.create(store_config().model, ItemViews(read_table(run_dir, "items")).texts(), seed=seed)
-    return publish(embedder.save, model_dir(run_dir, stage), {"stage": stage})
+    return publish(embedder.save, RunDir(run_dir).model(stage), {"stage": stage})
 
 
 def free_port() -> int:
@@ -97,7 +98,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A tiny simulated world, made once per test session; tests must not modify it."""
-    from moon.data.world.simulate import simulate
+    from moon.sources.simulate.write import simulate
 
     run_dir = tmp_path_factory.mktemp("tiny-world")
     simulate(load_config(None, [*TINY_WORLD, "name=tiny"]), run_dir)
@@ -108,7 +109,7 @@ def tiny_world(tmp_path_factory):
 def store_world(tiny_world, tmp_path_factory):
     """A run directory with STORE_ITEMS catalogue items and an untrained tiny model as stage 2;
     tests copy it (`shutil.copytree`) before changing anything."""
-    from moon.data.tables import read_table
+    from moon.io.tables import read_table
 
     run_dir = tmp_path_factory.mktemp("store-world")
     write_items(run_dir, read_table(tiny_world, "items").slice(0, STORE_ITEMS))

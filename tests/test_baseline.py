@@ -7,12 +7,15 @@ import pytest
 from PIL import Image, ImageDraw
 
 from moon.config import load_config
-from moon.data import baseline
-from moon.data.baseline import BaselineEmbedder, item_text
-from moon.data.schema import ITEM_VIEWS, ITEMS
-from moon.data.tables import read_table
-from moon.data.world.photos import decode_image, user_photo
-from moon.data.world.simulate import simulate
+from moon.baseline.descriptor import IMAGE_DIMS, image_descriptors
+from moon.baseline import BaselineEmbedder
+from moon.baseline.embedder import MANIFEST_FILE, STATE_FILE
+from moon.views import item_text
+from moon.io.schema import ITEM_VIEWS, ITEMS
+from moon.io.tables import read_table
+from moon.io.images import decode as decode_image
+from moon.sources.simulate.photos import user_photo
+from moon.sources.simulate.write import simulate
 
 COLOURS = {"red": (200, 30, 40), "blue": (30, 60, 190), "black": (25, 25, 25), "green": (40, 150, 60)}
 
@@ -91,7 +94,7 @@ def test_item_text_per_view():
 def test_vectors_are_unit_length_shaped_and_deterministic(hand_items):
     first = BaselineEmbedder.fit(hand_items, extra_texts=["red dress"], text_dims=16, seed=3)
     second = BaselineEmbedder.fit(hand_items, extra_texts=["red dress"], text_dims=16, seed=3)
-    assert first.dim == 16 + baseline.IMAGE_DIMS
+    assert first.dim == 16 + IMAGE_DIMS
     text_dims = first.text_dims
     for view in ITEM_VIEWS:
         vectors = first.encode_items(hand_items, view)
@@ -175,14 +178,14 @@ def test_image_descriptor_ignores_format_size_and_transparency():
     buffer = io.BytesIO()
     transparent.save(buffer, format="PNG")
     variants.append(buffer.getvalue())
-    vectors = baseline.image_descriptors([png, *variants, drawn_png("red", "ellipse")])
+    vectors = image_descriptors([png, *variants, drawn_png("red", "ellipse")])
     similarity = vectors[1:] @ vectors[0]
     assert (similarity[:-1] > 0.95).all() and similarity[-1] < 0.8, similarity
 
 
 def test_undecodable_image_names_its_position():
     with pytest.raises(ValueError, match="image 1 cannot be decoded"):
-        baseline.image_descriptors([drawn_png("red", "rect"), b"not an image"])
+        image_descriptors([drawn_png("red", "rect"), b"not an image"])
 
 
 def test_save_and_load_give_identical_vectors(hand_items, tmp_path):
@@ -193,8 +196,8 @@ def test_save_and_load_give_identical_vectors(hand_items, tmp_path):
     for view in ITEM_VIEWS:
         np.testing.assert_array_equal(loaded.encode_items(hand_items, view), embedder.encode_items(hand_items, view))
     np.testing.assert_array_equal(loaded.encode_texts(["red bag"]), embedder.encode_texts(["red bag"]))
-    assert (tmp_path / "a" / baseline.STATE_FILE).read_bytes() == (tmp_path / "b" / baseline.STATE_FILE).read_bytes()
-    manifest = json.loads((tmp_path / "a" / baseline.MANIFEST_FILE).read_text())
-    assert manifest["embedder"] == "baseline" and manifest["dim"] == loaded.dim == 8 + baseline.IMAGE_DIMS
+    assert (tmp_path / "a" / STATE_FILE).read_bytes() == (tmp_path / "b" / STATE_FILE).read_bytes()
+    manifest = json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())
+    assert manifest["embedder"] == "baseline" and manifest["dim"] == loaded.dim == 8 + IMAGE_DIMS
     with pytest.raises(FileNotFoundError, match="no baseline embedder"):
         BaselineEmbedder.load(tmp_path / "missing")

@@ -5,7 +5,7 @@ import yaml
 from pydantic import BaseModel
 
 from moon.config import MoonConfig, default_config_path, load_config, render_yaml
-from moon.data.pairs import SECTIONS as PAIRS
+from moon.pairs.build import SECTIONS as PAIRS
 from moon.errors import UserError
 from moon.train.posttrain import SECTIONS as POSTTRAIN
 from moon.train.pretrain import SECTIONS as PRETRAIN

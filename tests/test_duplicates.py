@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from moon.data import schema
-from moon.data.duplicates import Fingerprints, image_duplicate_pairs, near_duplicate_groups
+from moon.io import schema
+from moon.pairs.duplicates import Fingerprints, image_duplicate_pairs, near_duplicate_groups
 
 LONG_TITLE = "Velora women red floral print cotton summer maxi dress with side pockets and waist belt"
 

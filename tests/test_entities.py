@@ -10,10 +10,10 @@ import pytest
 from conftest import shared_data
 from moon import ui
 from moon.config import load_config
-from moon.data import schema
-from moon.data.entities import Gazetteer
-from moon.data.ingest import ingest
-from moon.data.tables import read_table
+from moon.io import schema
+from moon.pairs.entities import Gazetteer
+from moon.sources.catalogue import ingest
+from moon.io.tables import read_table
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from moon.data.world.photos import _occlude, decode_image, user_photo
-from moon.data.world.render import (
+from moon.io.images import decode as decode_image
+from moon.sources.simulate.photos import _occlude, user_photo
+from moon.sources.simulate.render import (
     BACKGROUND,
     MARKS,
     PATTERNS,

@@ -11,12 +11,13 @@ from click.testing import CliRunner
 
 from conftest import STORE_ITEMS, STORE_OVERRIDES, store_config, write_items
 from moon.cli import cli
-from moon.data.tables import read_table
+from moon.io.tables import read_table
 from moon.errors import UserError
 from moon.represent import embed_catalogue
 from moon.store.index import VectorIndex
-from moon.store.search import is_current, load_index, version_made_by
-from moon.train.loop import model_dir
+from moon.store.indexing import is_current, load_index
+from moon.store.versions import Store
+from moon.run import RunDir
 
 
 def moon_index(run_dir, *args):
@@ -50,7 +51,7 @@ def test_index_builds_per_dim_and_extends_with_exactly_the_new_items(embedded, t
     assert result.exit_code == 0, result.output
     assert "built full, dim-16" in result.output and "exact" in result.output
     root = embedded / "index" / "v1-stage2"
-    version = version_made_by(embedded, model_dir(embedded, "stage2"))
+    version = Store(embedded).made_by(RunDir(embedded).model("stage2"))
     assert version == "v1-stage2" and is_current(embedded, version)
 
     stored = embed_catalogue(store_config(), embedded)  # current: the same version
@@ -108,7 +109,7 @@ def test_index_without_a_store_version_is_a_user_error(store_world, tmp_path):
     result = moon_index(store_world, "--version", "v9-stage2")
     assert result.exit_code == 2 and "does not exist" in result.output
     assert not (store_world / "index").exists()
-    assert version_made_by(store_world, model_dir(store_world, "stage1")) is None  # no such model
+    assert Store(store_world).made_by(RunDir(store_world).model("stage1")) is None  # no such model
 
 
 def test_load_index_says_how_to_make_a_missing_one(embedded):

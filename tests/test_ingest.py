@@ -14,11 +14,11 @@ from PIL import Image
 
 from conftest import shared_data
 from moon.config import load_config
-from moon.data import ingest as ingest_module
-from moon.data.images import ImageError, check_image
-from moon.data.ingest import ingest
-from moon.data.schema import ITEMS, REJECTS
-from moon.data.tables import read_manifest, read_table
+from moon.sources import catalogue as ingest_module
+from moon.io.images import ImageError, check_image
+from moon.sources.catalogue import ingest
+from moon.io.schema import ITEMS, REJECTS
+from moon.io.tables import read_manifest, read_table
 from moon.errors import UserError
 
 KAGGLE_HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from moon.config import load_config
-from moon.data import schema
-from moon.data.pairs import STATS_FILE, build_pairs, mix_quotas
-from moon.data.tables import TableWriter, read_table
+from moon.io import schema
+from moon.pairs.build import build_pairs, mix_quotas
+from moon.run import RunDir
+from moon.io.tables import TableWriter, read_table
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 COLOURS = {"red": (200, 30, 40), "blue": (40, 100, 210), "green": (40, 150, 70), "black": (20, 20, 20),
@@ -224,7 +225,7 @@ def test_accounting_balances_and_chains_on_a_simulated_world(tiny_world, tmp_pat
     shutil.copytree(tiny_world, run)
     config = load_config(None, ["pairs.valid_days=1", "pairs.test_days=2"])
     accounting = build_pairs(config, run)
-    stats = json.loads((run / STATS_FILE).read_text())
+    stats = json.loads(RunDir(run).pairs_stats.read_text())
     for entry in stats["steps"]:
         assert entry["rows_in"] == entry["kept"] + sum(entry["dropped"].values())
     stage2 = [s for s in accounting.steps if s.stage == "stage 2"]

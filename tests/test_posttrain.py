@@ -16,14 +16,15 @@ from safetensors.torch import load_file
 
 from conftest import TINY_MODEL, TINY_WORLD, free_port
 from moon.config import load_config
-from moon.data.pairs import build_pairs
-from moon.data.tables import read_table
+from moon.pairs.build import build_pairs
+from moon.io.tables import read_table
 from moon.errors import UserError
 from moon.model.views import ItemViews
 from moon.train import posttrain as recipe
 from moon.train.augment import augment, cut_out
 from moon.train.distill import NO_TARGET, DescriptorDistillation
-from moon.train.loop import model_dir, read_log, work_dir
+from moon.run import RunDir
+from moon.train.loop import read_log
 
 TRAIN = [
     *TINY_WORLD,
@@ -79,13 +80,13 @@ def test_stage_one_then_stage_two_train_with_every_negative_source(run_dir):
     manifest = json.loads((second / "manifest.json").read_text())
     assert manifest["started_from"] == str(first) and manifest["config_digest"] == config().digest(*recipe.SECTIONS)
 
-    log = read_log(work_dir(run_dir, "stage2"))
+    log = read_log(RunDir(run_dir).work("stage2"))
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     # in-batch (4) plus hard negatives (2 per pair) from step 1, plus the queue from step 2 on
     assert log[0]["negatives"] > 4 and log[2]["negatives"] > log[0]["negatives"]
     assert [r["queue"] for r in log] == [4, 8, 12]
-    stage1_log = read_log(work_dir(run_dir, "stage1"))
+    stage1_log = read_log(RunDir(run_dir).work("stage1"))
     assert all(r["negatives"] <= 7 for r in stage1_log)  # stage 1: in-batch only, same products masked
     assert all(r["distill_loss"] > 0 for r in stage1_log)
 
@@ -218,7 +219,7 @@ def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch
     monkeypatch.setattr(recipe.ContrastiveStep, "__call__", killed_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         recipe.posttrain(config(), run_dir, stage=1)
-    assert not model_dir(run_dir, "stage1").exists()  # nothing half-published
+    assert not RunDir(run_dir).model("stage1").exists()  # nothing half-published
     calls.clear()
     resumed = recipe.posttrain(config(), run_dir, stage=1)
     assert len(calls) == 2  # steps 3 and 4 only
@@ -226,7 +227,7 @@ def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch
     weights, expected = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
     for key in expected:
         assert torch.equal(weights[key], expected[key]), key
-    assert [r["step"] for r in read_log(work_dir(run_dir, "stage1"))] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_log(RunDir(run_dir).work("stage1"))] == [1, 2, 3, 4]
 
 
 
@@ -250,10 +251,10 @@ def test_two_torchrun_processes_train_as_one_process_on_the_whole_batch(run_dir,
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    manifest = json.loads((model_dir(run_dir, "stage2") / "manifest.json").read_text())
+    manifest = json.loads((RunDir(run_dir).model("stage2") / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["pairs_seen"] == 3 * 4
-    weights = load_file(model_dir(run_dir, "stage2") / "model.safetensors")
-    expected = load_file(model_dir(single_dir, "stage2") / "model.safetensors")
+    weights = load_file(RunDir(run_dir).model("stage2") / "model.safetensors")
+    expected = load_file(RunDir(single_dir).model("stage2") / "model.safetensors")
     # Adam divides by the root of tiny second moments, so float-summation noise in a gradient
     # near zero (a rare token's embedding) can move a weight by ~1e-4 over seven steps.
     for key in expected:

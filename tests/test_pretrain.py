@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 
 from conftest import TINY_MODEL, free_port
 from moon.config import load_config
-from moon.data.tables import read_table
+from moon.io.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.generative import IGNORE, AnswerLoss, build_generative, make_collator, save_generative
 from moon.model.tokenizer import EOS, IMAGE_PAD, train_tokenizer
 from moon.train import pretrain as recipe
-from moon.train.loop import model_dir, optimiser, read_log, work_dir
+from moon.run import RunDir
+from moon.train.loop import optimiser, read_log
 from moon.train.pretrain_data import (
     PretrainCollator,
     answers,
@@ -166,7 +167,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_the_published_model_loads(
     monkeypatch.setattr(recipe, "train_step", killed_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         recipe.pretrain(config, run_dir)
-    assert not model_dir(run_dir, "pretrain").exists()
+    assert not RunDir(run_dir).model("pretrain").exists()
     calls.clear()
     monkeypatch.setattr(recipe, "train_step", lambda *args, **kwargs: calls.append(1) or real_step(*args, **kwargs))
     resumed = recipe.pretrain(config, run_dir)
@@ -176,9 +177,9 @@ def test_a_killed_run_resumes_to_the_same_weights_and_the_published_model_loads(
     assert weights.keys() == expected.keys()
     for key in expected:
         assert torch.equal(weights[key], expected[key]), key
-    log = read_log(work_dir(run_dir, "pretrain"))
+    log = read_log(RunDir(run_dir).work("pretrain"))
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert [r["loss"] for r in log] == [r["loss"] for r in read_log(work_dir(straight_dir, "pretrain"))]
+    assert [r["loss"] for r in log] == [r["loss"] for r in read_log(RunDir(straight_dir).work("pretrain"))]
 
     manifest = json.loads((resumed / "manifest.json").read_text())
     assert manifest["config_digest"] == config.digest("world", "behaviour", "ingest", "model", "pretrain")
@@ -187,7 +188,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_the_published_model_loads(
     assert after["loss"] < before["loss"] and set(before) == {"loss", *(f"loss_{t}" for t in config.pretrain.tasks)}
 
     # the embedder reads the trained backbone: every weight equal, none newly initialised
-    trained = torch.load(work_dir(run_dir, "pretrain") / "checkpoint" / "state.pt", weights_only=False)["state"]["model"]
+    trained = torch.load(RunDir(run_dir).work("pretrain") / "checkpoint" / "state.pt", weights_only=False)["state"]["model"]
     embedder = Embedder.load(resumed)
     backbone = embedder.backbone.state_dict()
     assert {f"model.model.{key}" for key in backbone} | {"model.lm_head.weight"} == set(trained)
@@ -212,8 +213,8 @@ def test_a_checkpoint_of_another_config_is_not_resumed(run_dir):
     recipe.pretrain(fast_config("pretrain.steps=2", "pretrain.checkpoint_every=1"), run_dir)
     changed = fast_config("pretrain.steps=1", "pretrain.lr=0.001")
     recipe.pretrain(changed, run_dir)
-    assert [r["step"] for r in read_log(work_dir(run_dir, "pretrain"))] == [1]
-    assert json.loads((model_dir(run_dir, "pretrain") / "manifest.json").read_text())["steps"] == 1
+    assert [r["step"] for r in read_log(RunDir(run_dir).work("pretrain"))] == [1]
+    assert json.loads((RunDir(run_dir).model("pretrain") / "manifest.json").read_text())["steps"] == 1
 
 
 def test_lora_bf16_and_checkpointing_train_only_adapters_and_save_merged(parts, tmp_path):
@@ -276,9 +277,9 @@ def test_two_torchrun_ranks_train_as_one_process_on_the_whole_batch(run_dir, tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
 
-    weights, expected = load_file(model_dir(run_dir, "pretrain") / "model.safetensors"), load_file(single / "model.safetensors")
+    weights, expected = load_file(RunDir(run_dir).model("pretrain") / "model.safetensors"), load_file(single / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(weights[key], expected[key], atol=1e-5, rtol=1e-4)
-    manifest = json.loads((model_dir(run_dir, "pretrain") / "manifest.json").read_text())
+    manifest = json.loads((RunDir(run_dir).model("pretrain") / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 8
-    assert [r["tokens"] for r in read_log(work_dir(run_dir, "pretrain"))] == [r["tokens"] for r in read_log(work_dir(single_dir, "pretrain"))]
+    assert [r["tokens"] for r in read_log(RunDir(run_dir).work("pretrain"))] == [r["tokens"] for r in read_log(RunDir(single_dir).work("pretrain"))]

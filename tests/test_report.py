@@ -9,6 +9,7 @@ import shutil
 from html.parser import HTMLParser
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -16,15 +17,15 @@ from PIL import Image
 from conftest import TINY_MODEL, TINY_WORLD
 from moon.cli import cli
 from moon.config import load_config
-from moon.data.pairs import build_pairs
-from moon.data.tables import MANIFEST, read_table, table_path
-from moon.eval.image_search import evaluate
+from moon.pairs.build import build_pairs
+from moon.io.tables import MANIFEST, read_table, table_path
+from moon.eval.retrieval import evaluate
 from moon.report import build_report, gallery
 from moon.report import recall as recall_section
 from moon.report.html import THUMB_SIDE
 from moon.represent import embed_catalogue
 from moon.train import posttrain
-from moon.train.loop import model_dir
+from moon.run import RunDir
 
 SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery"]
 MODELS = {"baseline", "untrained", "stage1", "stage2"}  # no pretraining: it is the slowest stage to set up
@@ -177,22 +178,25 @@ def test_the_gallery_shows_eight_queries_with_five_results_and_marks_the_hits(re
     assert hits == min(found_hits, max(4, 8 - (len(bought) - found_hits)))  # hits and misses both shown
 
 
-def test_the_gallery_takes_item_vectors_from_a_store_version_of_the_same_weights(trained_run, tmp_path):
+def test_the_gallery_renders_what_eval_found_without_loading_a_model(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     version = embed_catalogue(config(), run_dir, model="stage2")
+    evaluate(config(), run_dir)
+    predictions = pq.read_table(RunDir(run_dir).predictions("stage2"))
+    assert predictions.schema.metadata[b"item_vectors"] == f"store version {version.name}".encode()
+    # the saved rankings are the ones recall was computed from
+    bought = read_table(run_dir, "eval_image_search", ["item_id"])["item_id"].to_pylist()
+    hits = [item in found for item, found in zip(bought, predictions["item_ids"].to_pylist())]
+    recall = json.loads(RunDir(run_dir).retrieval_results.read_text())["models"]["stage2"]["dims"]["32"]
+    assert np.mean(hits) == pytest.approx(recall["recall@10"]["value"])
+
+    shutil.rmtree(run_dir / "models")  # the gallery needs no model: it renders eval's predictions
+    (run_dir / "models" / "stage2").mkdir(parents=True)
+    (run_dir / "models" / "stage2" / MANIFEST).write_text("{}")
     section = gallery.section(config(), run_dir)
     assert section.metrics["gallery"]["item_vectors"] == f"store version {version.name}"
     assert section.body.count('class="query"') == 8
-
-    class Encoder:  # stands in for the stage-1 embedder: only whether it is asked to encode matters
-        def encode(self, inputs):
-            return np.ones((len(inputs), 4), np.float32)
-
-    items = read_table(run_dir, "items")
-    other = gallery.catalogue_vectors(run_dir, model_dir(run_dir, "stage1"), items, Encoder())
-    assert other.source == "encoded for this report"  # stage-2 vectors cannot be searched with stage-1 queries
-    assert other.item_ids == items["item_id"].to_pylist() and other.vectors.shape == (items.num_rows, 4)
 
 
 def test_a_run_with_only_simulated_data_says_what_is_not_run_yet(tiny_world, tmp_path):

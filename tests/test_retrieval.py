@@ -5,17 +5,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from moon.data import schema
-from moon.data.tables import TableWriter
+from moon.io import schema
+from moon.io.tables import TableWriter
 from moon.errors import UserError
-from moon.eval import retrieval
-from moon.eval.image_search import ITEM_QUERY_VIEWS, held_out
-from moon.eval.retrieval import (
+from moon.eval import metrics
+from moon.eval.retrieval import ITEM_QUERY_VIEWS, held_out
+from moon.vectors import prefix
+from moon.eval.metrics import (
     CatalogueMismatch,
     bootstrap_ci,
     exact_search,
     first_relevant_rank,
-    matryoshka_prefix,
     recall_at_k,
     relevant_items,
     relevant_sets,
@@ -75,7 +75,7 @@ def test_equal_scores_rank_lower_catalogue_index_first_across_the_kth_place():
 @pytest.mark.parametrize("nq", [3, 40])
 @pytest.mark.parametrize("k", [1, 4, 25, 120, 500])
 def test_exact_search_matches_brute_force_with_many_ties(nq, k, monkeypatch):
-    monkeypatch.setattr(retrieval, "QUERY_CHUNK", 16)  # several faiss calls per search
+    monkeypatch.setattr(metrics, "QUERY_CHUNK", 16)  # several faiss calls per search
     rng = np.random.default_rng(7)
     distinct = rng.integers(-2, 3, size=(40, 6)).astype(np.float32)
     catalogue = distinct[rng.integers(0, 40, size=300)]  # every vector appears about 7 times
@@ -96,9 +96,9 @@ def test_search_rejects_unusable_input():
     with pytest.raises(ValueError, match="empty"):
         exact_search(unit([0]), np.zeros((0, 2), np.float32), 1)
     with pytest.raises(ValueError, match="zero"):
-        matryoshka_prefix(np.array([[0, 0, 1]], np.float32), dim=2)
+        prefix(np.array([[0, 0, 1]], np.float32), dim=2)
     with pytest.raises(ValueError, match="1..3"):
-        matryoshka_prefix(np.ones((1, 3), np.float32), dim=4)
+        prefix(np.ones((1, 3), np.float32), dim=4)
 
 
 def test_matryoshka_prefix_renormalises_and_can_change_the_ranking():
@@ -111,7 +111,7 @@ def test_matryoshka_prefix_renormalises_and_can_change_the_ranking():
     scores, ranked = top_k(queries, catalogue, k=2, dim=2)
     assert ranked[0].tolist() == [0, 1]
     np.testing.assert_allclose(scores[0], [1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(matryoshka_prefix(catalogue, 2), axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(prefix(catalogue, 2), axis=1), 1.0, atol=1e-6)
 
     report = retrieval_recall(queries, catalogue, [{1}], ks=[1], dims=[2, None])
     assert report.recall[3][1].value == 1.0
@@ -122,7 +122,7 @@ def test_matryoshka_prefix_renormalises_and_can_change_the_ranking():
 
 
 def test_recall_hits_match_a_plain_loop(monkeypatch):
-    monkeypatch.setattr(retrieval, "_CELLS", 7)  # many small match chunks
+    monkeypatch.setattr(metrics, "_CELLS", 7)  # many small match chunks
     rng = np.random.default_rng(3)
     ranked = np.stack([rng.permutation(50)[:10] for _ in range(30)])
     relevant = [set(rng.choice(50, size=rng.integers(1, 4), replace=False).tolist()) for _ in range(30)]

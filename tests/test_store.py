@@ -16,14 +16,14 @@ import pytest
 
 from conftest import STORE_ITEMS, STORE_OVERRIDES, free_port, publish_untrained, store_config, write_items
 from moon.config import load_config
-from moon.data.tables import read_table
+from moon.io.tables import read_table
 from moon.errors import UserError
-from moon.eval.image_search import ITEM_VIEW
+from moon.views import SERVED_VIEW as ITEM_VIEW
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.represent import embed_catalogue
 from moon.store.versions import Store, VersionBuilder, checkpoint_digest
-from moon.train.loop import model_dir
+from moon.run import RunDir
 
 ITEMS = STORE_ITEMS  # the first rows of the tiny world's catalogue; the rest arrive "later"
 OVERRIDES = STORE_OVERRIDES
@@ -33,7 +33,7 @@ config = store_config
 @pytest.fixture(scope="module")
 def expected(store_world):
     """The embedder's own output for every catalogue item in the served view, full and 16 dims."""
-    embedder = Embedder.load(model_dir(store_world, "stage2"))
+    embedder = Embedder.load(RunDir(store_world).model("stage2"))
     inputs = ItemViews(read_table(store_world, "items")).inputs(range(ITEMS), ITEM_VIEW)
     return embedder.encode(inputs), embedder.encode(inputs, dim=16)
 
@@ -52,7 +52,7 @@ def test_a_version_round_trips_float16_vectors_and_matryoshka_prefixes(run_dir, 
     assert manifest["count"] == ITEMS and manifest["dtype"] == "float16" and manifest["item_view"] == ITEM_VIEW
     assert manifest["dims"] == 32 and manifest["matryoshka_dims"] == [16] and manifest["partitions"] == 8
     assert manifest["model"] == "stage2"
-    assert manifest["checkpoint_digest"] == checkpoint_digest(model_dir(run_dir, "stage2"))
+    assert manifest["checkpoint_digest"] == checkpoint_digest(RunDir(run_dir).model("stage2"))
     assert [s["file"] for s in manifest["shards"]] == [f"part-{p:05d}.parquet" for p in range(8)]
     assert sum(s["count"] for s in manifest["shards"]) == ITEMS
     assert str(pq.read_schema(version.path / "part-00003.parquet").field("vector").type) in (
@@ -156,7 +156,7 @@ def test_incremental_adds_exactly_the_new_items_and_keeps_the_old_vectors(run_di
     increments = [s for s in added.manifest["shards"] if s["file"].startswith("part-inc-")]
     assert [s["count"] for s in increments] == [catalogue.num_rows - ITEMS]
 
-    embedder = Embedder.load(model_dir(run_dir, "stage2"))
+    embedder = Embedder.load(RunDir(run_dir).model("stage2"))
     new_inputs = ItemViews(catalogue).inputs(range(ITEMS, catalogue.num_rows), ITEM_VIEW)
     np.testing.assert_allclose(added.vectors()[ITEMS:], embedder.encode(new_inputs), atol=2e-3)
 

@@ -6,11 +6,11 @@ from PIL import Image
 
 from conftest import TINY_WORLD
 from moon.config import load_config
-from moon.data import schema
-from moon.data.tables import read_manifest, read_table
-from moon.data.world.catalog import build_catalog, build_leaves, title
-from moon.data.world.render import PATTERNS
-from moon.data.world.simulate import simulate
+from moon.io import schema
+from moon.io.tables import read_manifest, read_table
+from moon.sources.simulate.catalog import build_catalog, build_leaves, title
+from moon.sources.simulate.render import PATTERNS
+from moon.sources.simulate.write import simulate
 
 SMALL = ["world.items=120", "world.leaf_categories=8", "behaviour.users=15", "behaviour.days=3"]
 
@@ -136,7 +136,7 @@ def test_image_queries_are_user_photos(tiny_world):
 
 
 def test_user_photos_come_from_the_product_but_differ_from_its_catalogue_image(tiny_world):
-    from moon.data.world.photos import user_photo
+    from moon.sources.simulate.photos import user_photo
 
     items = read_table(tiny_world, "items", ["item_id", "image"]).slice(0, 40)
     catalogue = [Image.open(io.BytesIO(b.as_py())).convert("RGB") for b in items["image"]]

@@ -17,6 +17,7 @@ import click
 from moon import __version__, ui
 from moon.config import MoonConfig, load_config, render_yaml
 from moon.errors import UserError
+from moon.run import RunDir
 
 
 class UserFacingError(click.ClickException):
@@ -62,8 +63,8 @@ def cli():
 @stage_command
 def simulate(config: MoonConfig, run_dir: Path, catalog: str | None):
     """Simulate an e-commerce world: catalogue, users, search sessions, clicks and purchases."""
-    from moon.data.summary import print_summary
-    from moon.data.world.simulate import simulate as run_simulation
+    from moon.sources.summary import print_summary
+    from moon.sources.simulate.write import simulate as run_simulation
 
     if catalog:
         config = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"catalog": catalog})})
@@ -78,7 +79,7 @@ def simulate(config: MoonConfig, run_dir: Path, catalog: str | None):
 @stage_command
 def ingest(config: MoonConfig, run_dir: Path, source: str, fmt: str | None):
     """Ingest a real catalogue (Kaggle fashion layout, Parquet, CSV or JSONL + images) as the items table."""
-    from moon.data.ingest import ingest as run_ingest
+    from moon.sources.catalogue import ingest as run_ingest
 
     summary = run_ingest(Path(source), config, run_dir, fmt)
     ui.print_table(f"ingested {source} -> {run_dir}", summary.rows(), ("", "rows"))
@@ -88,7 +89,7 @@ def ingest(config: MoonConfig, run_dir: Path, source: str, fmt: str | None):
 @stage_command
 def pairs(config: MoonConfig, run_dir: Path):
     """Build stage-1 and stage-2 post-training pairs and the image-search evaluation set from the log."""
-    from moon.data.pairs import build_pairs, print_report
+    from moon.pairs.build import build_pairs, print_report
 
     build_pairs(config, run_dir)
     print_report(run_dir)
@@ -139,7 +140,7 @@ def embed(config: MoonConfig, run_dir: Path, model: str | None, incremental: boo
 @stage_command
 def index(config: MoonConfig, run_dir: Path, version: str | None, kind: str, per_dim: bool, rebuild: bool):
     """Build the vector index of a store version, or add the items it lacks (after `moon embed --incremental`)."""
-    from moon.store.search import index_version, print_results, summary
+    from moon.store.indexing import index_version, print_results, summary
 
     stored, results = index_version(run_dir, version, kind, per_dim, rebuild, config.seed)
     print_results(stored, results)
@@ -155,11 +156,11 @@ def evaluate():
 @stage_command
 def eval_retrieval(config: MoonConfig, run_dir: Path):
     """Image-based search recall@K of every model in the run, per Matryoshka dimension, with 95% CIs."""
-    from moon.eval.image_search import evaluate as run_eval
-    from moon.eval.image_search import print_results
+    from moon.eval.retrieval import evaluate as run_eval
+    from moon.eval.retrieval import print_results
 
     print_results(run_eval(config, run_dir))
-    ui.log(f"results -> {run_dir / 'eval' / 'retrieval.json'}")
+    ui.log(f"results -> {RunDir(run_dir).retrieval_results}")
 
 
 @cli.command()

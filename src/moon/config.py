@@ -189,6 +189,9 @@ class ModelConfig(Section):
     max_text_tokens: int = Field(48, gt=0, description="text tokens kept per input")
     matryoshka_dims: list[int] = Field([32, 64, 128], description="embedding prefixes trained and served")
     bidirectional: bool = Field(True, description="embed with bidirectional attention (MOON); false: causal")
+    served_view: Literal["richer-text", "image", "title+image", "richer-text+image"] = Field(
+        "richer-text+image", description="the item view a model's store versions, indexes and evaluation use"
+    )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="weights and compute dtype while training and embedding (bfloat16 on GPUs)"

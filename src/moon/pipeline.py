@@ -15,18 +15,19 @@ from pathlib import Path
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.data import pairs
-from moon.data.summary import print_summary
-from moon.data.tables import has_table, read_manifest
-from moon.data.world.simulate import SECTIONS as SIMULATE_SECTIONS
-from moon.data.world.simulate import simulate
-from moon.eval import image_search
+from moon.pairs import build as pairs
+from moon.sources.summary import print_summary
+from moon.io.tables import has_table, read_manifest
+from moon.sources.simulate.write import SECTIONS as SIMULATE_SECTIONS
+from moon.sources.simulate.write import simulate
+from moon.eval import retrieval
 from moon.report import build_report, print_location
 from moon.represent import embed_catalogue
-from moon.store.search import index_version, version_made_by
-from moon.store.search import is_current as index_is_current
+from moon.run import RunDir
+from moon.store.indexing import index_version
+from moon.store.indexing import is_current as index_is_current
+from moon.store.versions import Store
 from moon.train import posttrain, pretrain
-from moon.train.loop import model_dir
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def embed_stage2(config: MoonConfig, run_dir: Path):
 
 def stage2_version(run_dir: Path) -> str | None:
     """The newest store version made by the stage-2 weights now in the run, if any."""
-    return version_made_by(run_dir, model_dir(run_dir, "stage2"))
+    return Store(run_dir).made_by(RunDir(run_dir).model("stage2"))
 
 
 def index_stage2(config: MoonConfig, run_dir: Path):
@@ -83,7 +84,7 @@ DEMO: list[Stage] = [
     Stage("posttrain stage 2", partial(posttrain.posttrain, stage=2), posttrain.SECTIONS, ("models/stage2",)),
     Stage("embed", embed_stage2, (), (), current=lambda config, run_dir: stage2_version(run_dir) is not None),
     Stage("index", index_stage2, (), (), current=_stage2_indexed),
-    Stage("eval retrieval", image_search.evaluate, (), (), lambda run_dir: image_search.print_saved(run_dir)),
+    Stage("eval retrieval", retrieval.evaluate, (), (), lambda run_dir: retrieval.print_saved(run_dir)),
     Stage("report", build_report, (), (), print_location),
 ]
 

@@ -1,360 +1,258 @@
-"""Retrieval metrics on vectors: exact inner-product search, per-query recall@K, percentile bootstrap
-confidence intervals, Matryoshka prefixes, and the relevant set of a purchase (the item, or its SPU).
+"""`moon eval retrieval`: retrieval recall of every model of a run (docs/metrics.md).
 
-Model-agnostic: everything takes numpy arrays, so any embedder's vectors are scored the same way.
-`docs/metrics.md` defines each metric exactly.
+The held-out user photos of `eval_image_search` search the whole catalogue (image-based
+search, the guiding metric). Beside it, two more query sets from the test split of the
+pair tables: text queries, each with every item its session engaged with after it (text
+search), and items as queries, each with the items its session engaged with after it
+(item -> item, the query item left out of its own ranking). Every model the run has is
+measured on the same queries: the non-learned baseline, the untrained backbone, the
+pretrained model, and the stage-1 and stage-2 embedders, at every Matryoshka dimension;
+plus, for image search, a hard set where each query's distractors are only the items of
+its target's leaf category. Each model is scored on items in the view it serves, and its
+catalogue vectors come from a store version it made when one holds every item.
 
-    relevant = relevant_items(eval_item_ids, eval_spu_ids, catalogue_item_ids, catalogue_spu_ids, spu_hit=False)
-    report = retrieval_recall(photo_vectors, catalogue_vectors, relevant, dims=(64, 128, None), seed=0)
-    json.dump(report.to_dict(), f)
+Results go to `eval/retrieval.json`; what each model found for each image-search query
+(its top `PREDICTED_K` item ids and scores) goes to `eval/predictions/<model>.parquet`,
+which the report's gallery shows.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from moon import ui
-from moon.errors import UserError
+from moon.config import MoonConfig
+from moon.baseline import BaselineEmbedder
+from moon.eval.metrics import (
+    bootstrap_ci,
+    recall_at_k,
+    relevant_items,
+    relevant_sets,
+    retrieval_recall,
+    top_k,
+)
+from moon.io.atomic import atomic_json, atomic_parquet
+from moon.io.tables import has_table, read_table
+from moon.model.embedder import Embedder
+from moon.model.inputs import Input
+from moon.model.views import ItemViews
+from moon.pairs.build import ITEM_QUERY_VIEWS
+from moon.run import RunDir
+from moon.store.versions import Store
+from moon.vectors import prefix
+from moon.views import SERVED_VIEW
 
-DEFAULT_KS = (1, 10, 50, 100)
-CI_LEVEL = 0.95
-QUERY_CHUNK = 4096  # queries per faiss call: bounds result memory and drives the progress bar
-_CELLS = 1 << 24  # elements per temporary (pairs x K match matrix, resamples x queries draw matrix)
-
-
-class CatalogueMismatch(UserError, ValueError):
-    """The evaluation set names an item the catalogue lacks, or disagrees with it on an item's SPU."""
-
-
-# ---------------------------------------------------------------- search
-
-
-def matryoshka_prefix(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
-    """The first `dim` columns (every column when None), L2-normalised, as C-contiguous float32.
-
-    Matryoshka dimensions are prefixes of the full vector; a prefix is re-normalised before use.
-    """
-    x = _matrix(vectors, "vectors")
-    if dim is not None:
-        if not 1 <= dim <= x.shape[1]:
-            raise ValueError(f"dim={dim} must lie in 1..{x.shape[1]} (the vectors' width)")
-        x = x[:, :dim]
-    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if zero.size:
-        raise ValueError(f"{zero.size} vector(s) are zero in their first {x.shape[1]} dims (first: row {zero[0]}), "
-                         "so they have no direction to compare")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
-
-
-def exact_search(queries: np.ndarray, catalogue: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k with faiss `IndexFlatIP`: (scores, indices), both (queries, min(k, catalogue)).
-
-    Vectors are used as given (normalise first for cosine; `top_k` does). Rows are ordered by
-    score, highest first; equal float32 scores are ordered by catalogue index, lowest first, also
-    across the k-th place (a tie there is widened until every tied candidate is seen).
-    """
-    q, c = _matrix(queries, "queries"), _matrix(catalogue, "catalogue")
-    if q.shape[1] != c.shape[1]:
-        raise ValueError(f"queries have {q.shape[1]} dims but the catalogue has {c.shape[1]}")
-    if c.shape[0] == 0:
-        raise ValueError("the catalogue is empty")
-    if k < 1:
-        raise ValueError(f"k={k} must be at least 1")
-    k = min(int(k), c.shape[0])
-    index = faiss.IndexFlatIP(c.shape[1])
-    index.add(c)
-    scores = np.empty((q.shape[0], k), np.float32)
-    indices = np.empty((q.shape[0], k), np.int64)
-    with ui.progress("exact search", total=q.shape[0], unit="queries") as advance:
-        for start in range(0, q.shape[0], QUERY_CHUNK):
-            block = slice(start, start + QUERY_CHUNK)
-            scores[block], indices[block] = _search_block(index, q[block], k)
-            advance(len(q[block]))
-    return scores, indices
-
-
-def top_k(queries: np.ndarray, catalogue: np.ndarray, k: int, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, catalogue indices) of each query's top k by cosine similarity at Matryoshka dimension
-    `dim` (None: the full vector). The ranking behind every recall figure, and a gallery's rows."""
-    return exact_search(matryoshka_prefix(queries, dim), matryoshka_prefix(catalogue, dim), k)
-
-
-def without_self(ranked: np.ndarray, own: Sequence[int]) -> np.ndarray:
-    """Item->item rankings without the query item: each row of `ranked` (queries, K) with the query's own
-    catalogue index `own[q]` removed, or its last column where the item is not in the row: (queries, K-1).
-    Search K+1 deep, then apply this before `recall_at_k`."""
-    ranked, own = np.asarray(ranked), np.asarray(own, dtype=np.int64)
-    if ranked.ndim != 2 or ranked.shape[1] < 2 or own.shape != (ranked.shape[0],):
-        raise ValueError(f"need (queries, K >= 2) rankings and one own index per query, got {ranked.shape} and {own.shape}")
-    is_self = ranked == own[:, None]
-    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), ranked.shape[1] - 1)
-    keep = np.ones(ranked.shape, bool)
-    keep[np.arange(ranked.shape[0]), drop] = False
-    return ranked[keep].reshape(ranked.shape[0], ranked.shape[1] - 1)
-
-
-def _search_block(index: faiss.IndexFlatIP, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    n = index.ntotal
-    width = min(k + 1, n)  # one extra place shows whether the k-th score is tied beyond the top k
-    s, i = index.search(q, width)
-    scores, indices = _by_score_then_index(s, i, k)
-    pending = np.flatnonzero(s[:, k - 1] == s[:, k]) if width > k else np.empty(0, np.int64)
-    while pending.size:  # widen tied rows until the last score seen is below the k-th (or all are seen)
-        width = min(2 * width, n)
-        s, i = index.search(q[pending], width)
-        done = s[:, width - 1] < s[:, k - 1] if width < n else np.ones(len(pending), bool)
-        scores[pending[done]], indices[pending[done]] = _by_score_then_index(s[done], i[done], k)
-        pending = pending[~done]
-    return scores, indices
-
-
-def _by_score_then_index(s: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((i, -s), axis=1)[:, :k]
-    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
-
-
-# ---------------------------------------------------------------- recall
-
-
-def first_relevant_rank(ranked: np.ndarray, relevant: Sequence[Collection[int]]) -> np.ndarray:
-    """Per query, the 0-based position in its `ranked` row of the first relevant catalogue index;
-    -1 where none is in the row. `ranked` is (queries, K) catalogue indices, best first."""
-    ranked = np.asarray(ranked)
-    if ranked.ndim != 2:
-        raise ValueError(f"ranked must be (queries, K) catalogue indices, got shape {ranked.shape}")
-    n, width = ranked.shape
-    if len(relevant) != n:
-        raise ValueError(f"{len(relevant)} relevant sets for {n} ranked queries")
-    sizes = np.fromiter((len(r) for r in relevant), np.int64, count=n)
-    if n and (empty := np.flatnonzero(sizes == 0)).size:
-        raise ValueError(f"{empty.size} queries have no relevant item (first: query {empty[0]}); "
-                         "recall is undefined for them, so leave them out of the evaluation set")
-    query = np.repeat(np.arange(n), sizes)
-    item = np.fromiter(itertools.chain.from_iterable(relevant), np.int64, count=int(sizes.sum()))
-    if item.size and item.min() < 0:
-        raise ValueError(f"relevant catalogue indices must be >= 0, got {item.min()}")
-    best = np.full(n, width, np.int64)
-    step = max(1, _CELLS // max(width, 1))
-    for start in range(0, item.size, step):
-        rows, wanted = query[start:start + step], item[start:start + step]
-        match = ranked[rows] == wanted[:, None]
-        np.minimum.at(best, rows, np.where(match.any(axis=1), match.argmax(axis=1), width))
-    best[best == width] = -1
-    return best
-
-
-def recall_at_k(ranked: np.ndarray, relevant: Sequence[Collection[int]], ks: Iterable[int]) -> dict[int, np.ndarray]:
-    """{k: per-query hits}, a float64 vector with 1.0 where any relevant catalogue index is among the
-    first k of the query's `ranked` row, else 0.0. Its mean is recall@k; keep the vector to bootstrap.
-
-    Every k must be <= ranked.shape[1]: search with k = max(ks) (clipped to the catalogue size).
-    """
-    ranked = np.asarray(ranked)
-    ks = _ks(ks)
-    if ranked.ndim == 2 and ks[-1] > ranked.shape[1]:
-        raise ValueError(f"recall@{ks[-1]} needs the top {ks[-1]}, but ranked has only {ranked.shape[1]} columns")
-    rank = first_relevant_rank(ranked, relevant)
-    found = rank >= 0
-    return {k: (found & (rank < k)).astype(np.float64) for k in ks}
-
-
-def bootstrap_ci(hits: np.ndarray, seed: int, resamples: int = 1000, level: float = CI_LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-query `hits`: `resamples` resamplings of the
-    queries with replacement (numpy `default_rng(seed)`), cut at the (1-level)/2 and (1+level)/2 quantiles.
-
-    Same hits, seed and resamples give the same interval; the same seed on equally many queries
-    draws the same resamples, so intervals of several metrics on one query set share them.
-    """
-    values = np.asarray(hits, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"hits must be a non-empty vector with one value per query, got shape {values.shape}")
-    if resamples < 1:
-        raise ValueError(f"resamples={resamples} must be at least 1")
-    if not 0 < level < 1:
-        raise ValueError(f"level={level} must lie strictly between 0 and 1")
-    rng = np.random.default_rng(seed)
-    n = values.size
-    means = np.empty(resamples)
-    step = max(1, _CELLS // n)
-    for start in range(0, resamples, step):
-        stop = min(resamples, start + step)
-        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    lo, hi = np.clip([lo, hi], values.min(), values.max())  # rounding must not leave the data's range
-    return float(lo), float(hi)
-
-
-# ---------------------------------------------------------------- the report
+HARD_K = 10
+PREDICTED_K = 10  # results saved per image-search query and model
+PAIR_TABLES = ("pairs_stage1", "pairs_stage2")  # where held-out text and item queries come from
 
 
 @dataclass(frozen=True)
-class Recall:
-    value: float  # mean of the per-query hits
-    ci95: tuple[float, float]  # percentile bootstrap interval over queries
+class HeldOut:
+    """Test-split queries of one kind, each with the items its session engaged with after it."""
+
+    queries: list  # the query text, or the query item's id
+    targets: list[list[str]]  # item ids clicked, carted or bought after the query, sorted
+
+    def __len__(self) -> int:
+        return len(self.queries)
 
 
-@dataclass
-class RecallReport:
-    """recall@K with its 95% interval for every Matryoshka dimension; `to_dict()` is the JSON form."""
+@dataclass(frozen=True)
+class Vectors:
+    """One model's vectors of every query set and of the catalogue."""
 
-    queries: int
-    catalogue: int
-    recall: dict[int, dict[int, Recall]]  # dim -> k -> Recall
-    hits: dict[int, dict[int, np.ndarray]] = field(repr=False)  # dim -> k -> per-query hits (paired comparisons)
-    seed: int = 0
-    resamples: int = 1000
-
-    def to_dict(self) -> dict:
-        return {
-            "dims": {
-                str(dim): {f"recall@{k}": {"value": r.value, "ci95": list(r.ci95)} for k, r in by_k.items()}
-                for dim, by_k in self.recall.items()
-            },
-            "queries": self.queries,
-            "catalogue": self.catalogue,
-            "bootstrap": {"method": "percentile", "level": CI_LEVEL, "resamples": self.resamples, "seed": self.seed},
-        }
+    photos: np.ndarray
+    texts: np.ndarray
+    items: np.ndarray
+    dims: list[int] | None  # Matryoshka dims to score; None: the full vector only
+    item_view: str = SERVED_VIEW  # the view the catalogue is seen in
+    source: str = "encoded by moon eval retrieval"  # where the catalogue vectors came from
 
 
-def retrieval_recall(
-    query_vectors: np.ndarray,
-    catalogue_vectors: np.ndarray,
-    relevant: Sequence[Collection[int]],
-    ks: Iterable[int] = DEFAULT_KS,
-    dims: Iterable[int | None] | None = None,
-    seed: int = 0,
-    resamples: int = 1000,
-    exclude: Sequence[int] | None = None,
-) -> RecallReport:
-    """recall@K (K in `ks`) of each query against the whole catalogue, exact cosine search, at every
-    Matryoshka dimension in `dims` (a prefix, re-normalised; None or a None entry: the full vector).
+def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | None = None) -> dict:
+    """Measures every model of the run (and `extra_models`, label -> directory); writes eval/retrieval.json."""
+    settings = config.eval
+    items = read_table(run_dir, "items")
+    queries = read_table(run_dir, "eval_image_search")
+    views = ItemViews(items)
+    catalogue = (items["item_id"], items["spu_id"])
+    relevant = relevant_items(queries["item_id"], queries["spu_id"], *catalogue, spu_hit=settings.spu_hit)
+    leaves = np.array([path[-1] for path in items["category"].to_pylist()], dtype=object)
+    photos = queries["query_image"].to_pylist()
+    texts = held_out(run_dir, ("text",), "query_text")
+    pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id")
+    text_relevant = relevant_sets(texts.targets, *catalogue, spu_hit=settings.spu_hit)
+    item_relevant = relevant_sets(pairs.targets, *catalogue, spu_hit=settings.spu_hit)
+    own_rows = np.array([rows[0] for rows in relevant_items(pairs.queries, None, catalogue[0], None, False)], np.int64)
 
-    `relevant[q]` holds the catalogue row indices that count as a hit for query q (`relevant_items`).
-    A K above the catalogue size ranks the whole catalogue.
-
-    `exclude[q]`, for item -> item queries, is the query item's own catalogue row: it is left out of
-    the query's ranking (searched one deeper, then `without_self`) and out of its relevant set, since
-    an item finding itself says nothing.
-    """
-    q, c = _matrix(query_vectors, "query_vectors"), _matrix(catalogue_vectors, "catalogue_vectors")
-    if len(relevant) != q.shape[0]:
-        raise ValueError(f"{len(relevant)} relevant sets for {q.shape[0]} query vectors")
-    if q.shape[0] == 0:
-        raise ValueError("there are no queries to evaluate")
-    out_of_range = [i for r in relevant for i in r if not 0 <= i < c.shape[0]]
-    if out_of_range:
-        raise ValueError(f"relevant index {out_of_range[0]} is outside the catalogue's {c.shape[0]} rows")
-    if exclude is not None:
-        if len(exclude) != q.shape[0]:
-            raise ValueError(f"{len(exclude)} excluded rows for {q.shape[0]} query vectors")
-        relevant = [[i for i in r if i != own] for r, own in zip(relevant, exclude)]
-    ks = _ks(ks)
-    full = q.shape[1]
-    chosen = list(dict.fromkeys(full if d is None else int(d) for d in (dims if dims is not None else [None])))
-    recall, hits = {}, {}
-    for dim in chosen:
-        if exclude is None:
-            _, ranked = top_k(q, c, ks[-1], dim)
-        else:
-            ranked = without_self(top_k(q, c, ks[-1] + 1, dim)[1], exclude)
-        by_clipped = recall_at_k(ranked, relevant, {min(k, ranked.shape[1]) for k in ks})
-        hits[dim] = {k: by_clipped[min(k, ranked.shape[1])] for k in ks}
-        recall[dim] = {k: Recall(float(h.mean()), bootstrap_ci(h, seed, resamples)) for k, h in hits[dim].items()}
-    return RecallReport(q.shape[0], c.shape[0], recall, hits, seed, resamples)
+    run = RunDir(run_dir)
+    results, scored = {}, {"ks": settings.ks, "seed": config.seed}
+    for label, vectors in _models(config, run_dir, items, views, photos, texts.queries, extra_models):
+        ui.log(f"evaluating {label}")
+        save_predictions(run.predictions(label), queries["query_id"], vectors, views.item_ids)
+        report = retrieval_recall(vectors.photos, vectors.items, relevant, dims=vectors.dims, **scored).to_dict()
+        report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, relevant, leaves, config.seed)
+        if len(texts):
+            report["text_search"] = retrieval_recall(vectors.texts, vectors.items, text_relevant, dims=vectors.dims,
+                                                     **scored).to_dict()
+        if len(pairs):
+            report["item_to_item"] = retrieval_recall(vectors.items[own_rows], vectors.items, item_relevant,
+                                                      dims=vectors.dims, exclude=own_rows, **scored).to_dict()
+        results[label] = report
+    run.eval.mkdir(parents=True, exist_ok=True)
+    atomic_json(run.retrieval_results, {"item_view": config.model.served_view, "spu_hit": settings.spu_hit,
+                                        "models": results})
+    return results
 
 
-# ---------------------------------------------------------------- relevance
+def save_predictions(path: Path, query_ids: pa.ChunkedArray, vectors: Vectors, item_ids: list[str]) -> None:
+    """One model's image-search rankings at the full dimension: query id, top item ids, their scores;
+    the file's metadata says which view the catalogue was seen in and where its vectors came from."""
+    scores, ranked = top_k(vectors.photos, vectors.items, PREDICTED_K)
+    ids = np.asarray(item_ids, dtype=object)[ranked]
+    table = pa.table({"query_id": query_ids, "item_ids": pa.array(ids.tolist(), pa.list_(pa.string())),
+                      "scores": pa.array(scores.tolist(), pa.list_(pa.float32()))})
+    table = table.replace_schema_metadata({"item_view": vectors.item_view, "item_vectors": vectors.source})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_parquet(table, path)
 
 
-def relevant_items(
-    target_item_ids: Sequence[str],
-    target_spu_ids: Sequence[str] | None,
-    catalogue_item_ids: Sequence[str],
-    catalogue_spu_ids: Sequence[str] | None,
-    spu_hit: bool,
-) -> list[list[int]]:
-    """Per target (e.g. the purchased item of an `eval_image_search` row), the sorted catalogue row
-    indices that count as a hit: the item itself, or with `spu_hit` every SKU sharing its SPU.
-
-    Accepts lists, numpy or pyarrow arrays. The SPU ids may be None when `spu_hit` is False; when
-    both are given they must agree. A target missing from the catalogue raises `CatalogueMismatch`
-    (a ValueError), naming it.
-    """
-    targets, items = _strings(target_item_ids), _strings(catalogue_item_ids)
-    row = {item: i for i, item in enumerate(items)}
-    if len(row) != len(items):
-        seen: set = set()
-        duplicate = next(item for item in items if item in seen or seen.add(item))
-        raise ValueError(f"catalogue item ids must be unique; {duplicate!r} appears more than once")
-    missing = list(dict.fromkeys(t for t in targets if t not in row))
-    if missing:
-        raise CatalogueMismatch(
-            f"{len(missing)} target item(s) are not in the catalogue, e.g. {', '.join(map(repr, missing[:5]))}: "
-            "score the catalogue (representation store version) that the evaluation set was drawn from")
-    found = [row[t] for t in targets]
-    if catalogue_spu_ids is None:
-        if spu_hit:
-            raise ValueError("spu_hit=True needs catalogue_spu_ids")
-        return [[i] for i in found]
-    spus = _strings(catalogue_spu_ids)
-    if len(spus) != len(items):
-        raise ValueError(f"{len(spus)} catalogue SPU ids for {len(items)} catalogue items")
-    if target_spu_ids is not None:
-        target_spus = _strings(target_spu_ids)
-        if len(target_spus) != len(targets):
-            raise ValueError(f"{len(target_spus)} target SPU ids for {len(targets)} target items")
-        for t, spu, i in zip(targets, target_spus, found):
-            if spus[i] != spu:
-                raise CatalogueMismatch(f"target item {t!r} has SPU {spu!r} but the catalogue says {spus[i]!r}")
-    if not spu_hit:
-        return [[i] for i in found]
-    siblings: dict[str, list[int]] = {}
-    for i, spu in enumerate(spus):
-        siblings.setdefault(spu, []).append(i)  # ascending, since i is
-    return [list(siblings[spus[i]]) for i in found]
+def held_out(run_dir: Path, query_views: Sequence[str], key: str) -> HeldOut:
+    """Test-split pairs whose query view is one of `query_views`, grouped into one query per
+    (session, query `key`) whose targets are every positive item of its pairs, from both pair tables."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for name in PAIR_TABLES:
+        if not has_table(run_dir, name):
+            continue
+        table = read_table(run_dir, name, columns=["split", "query_view", "session_id", key, "pos_item_id"])
+        wanted = pc.and_(pc.equal(table["split"], "test"), pc.is_in(table["query_view"], pa.array(query_views)))
+        table = table.filter(wanted)
+        for session, query, item in zip(*(table[c].to_pylist() for c in ("session_id", key, "pos_item_id"))):
+            groups.setdefault((session, query), set()).add(item)
+    order = sorted(groups)
+    return HeldOut([query for _, query in order], [sorted(groups[k]) for k in order])
 
 
-def relevant_sets(
-    target_groups: Sequence[Sequence[str]],
-    catalogue_item_ids: Sequence[str],
-    catalogue_spu_ids: Sequence[str] | None,
-    spu_hit: bool,
-) -> list[list[int]]:
-    """Per query with several targets (e.g. every item a text query's session clicked, carted or
-    bought), the sorted union of their relevant catalogue rows (`relevant_items` of each target)."""
-    flat = [target for group in target_groups for target in group]
-    rows = relevant_items(flat, None, catalogue_item_ids, catalogue_spu_ids, spu_hit)
-    out, start = [], 0
-    for group in target_groups:
-        out.append(sorted({i for r in rows[start:start + len(group)] for i in r}))
-        start += len(group)
-    return out
+def _models(config, run_dir, items: pa.Table, views: ItemViews, photos: list[bytes], texts: list[str], extra_models):
+    """(label, Vectors) for each model, computed one at a time."""
+    baseline = BaselineEmbedder.fit(items)
+    yield "baseline", Vectors(baseline.encode_images(photos), baseline.encode_texts(texts),
+                              baseline.encode_items(items, SERVED_VIEW), None, SERVED_VIEW)
+    untrained = Embedder.create(config.model, views.texts(), seed=config.seed)
+    yield "untrained", _embed(untrained, views, photos, texts)
+    run = RunDir(run_dir)
+    found = {stage: run.model(stage) for stage in run.trained_models()}
+    for label, path in {**found, **(extra_models or {})}.items():
+        embedder = Embedder.load(path)
+        yield label, _embed(embedder, views, photos, texts, *_served_items(run_dir, embedder, views))
 
 
-# ---------------------------------------------------------------- helpers
+def _served_items(run_dir: Path, embedder: Embedder, views: ItemViews) -> tuple[np.ndarray | None, str | None]:
+    """The catalogue as served, and the store version it came from: the vectors of a version these
+    weights made in the view they serve, if one holds every item (the catalogue need not be
+    embedded again); else (None, None)."""
+    store = Store(run_dir)
+    model_path = Path(embedder.settings.checkpoint)
+    version = store.made_by(model_path)
+    if version is None:
+        return None, None
+    stored = store.open(version)
+    rows = stored.rows(views.item_ids)
+    if stored.manifest.get("item_view") != embedder.settings.served_view or (rows < 0).any():
+        return None, None
+    ui.log(f"catalogue vectors of {model_path.name} from store version {version}")
+    return stored.vectors()[rows], version
 
 
-def _matrix(x, name: str) -> np.ndarray:
-    a = np.ascontiguousarray(x, dtype=np.float32)
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (rows, dims) array, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return a
+def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str],
+           items: np.ndarray | None = None, version: str | None = None) -> Vectors:
+    view = embedder.settings.served_view
+    return Vectors(
+        photos=embedder.encode([Input(None, photo) for photo in photos]),
+        texts=embedder.encode([Input(text, None) for text in texts]),
+        items=embedder.encode(views.inputs(range(len(views)), view)) if items is None else items,
+        dims=sorted({*embedder.settings.matryoshka_dims, embedder.dim}),
+        item_view=view,
+        source=f"store version {version}" if version else Vectors.source,
+    )
 
 
-def _ks(ks: Iterable[int]) -> list[int]:
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    return ks
+def same_leaf_recall(query_vectors, item_vectors, relevant, leaves: np.ndarray, seed: int) -> dict:
+    """recall@10 when the only distractors are items of the target's leaf category."""
+    scores = prefix(query_vectors) @ prefix(item_vectors).T
+    target_leaf = leaves[[next(iter(r)) for r in relevant]]
+    scores[leaves[None, :] != target_leaf[:, None]] = -np.inf
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :HARD_K]
+    hits = recall_at_k(ranked, relevant, [HARD_K])[HARD_K]
+    lo, hi = bootstrap_ci(hits, seed)
+    return {f"recall@{HARD_K}": {"value": float(hits.mean()), "ci95": [lo, hi]}}
 
 
-def _strings(values) -> list:
-    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
+def print_saved(run_dir: Path) -> None:
+    print_results(json.loads(RunDir(run_dir).retrieval_results.read_text())["models"])
+
+
+def print_results(results: dict) -> None:
+    """The image-search table (the guiding metric), then one table of text search and item -> item."""
+    rows, columns = [], ()
+    for label, report in results.items():
+        dims = report["dims"]
+        full = _full(dims)
+        ks, k = _ks(full)  # the same in every report of one run
+        per_dim = " / ".join(f"{dims[d][f'recall@{k}']['value']:.3f}" for d in sorted(dims, key=int))
+        rows.append((label, *_summary(full), report["hard_same_leaf"][f"recall@{HARD_K}"]["value"], per_dim))
+        columns = ("model", *_summary_columns(full), f"R@{HARD_K} same-leaf", f"R@{k} per dim")
+    ui.print_table("image-based search recall (user photo -> purchased item, whole catalogue)", rows, columns)
+    _print_other_groups(results)
+
+
+def _print_other_groups(results: dict) -> None:
+    """Text search and item -> item at the full dimension, one row per query set and model."""
+    rows, columns, counts = [], (), []
+    for key, name in (("text_search", "text"), ("item_to_item", "item->item")):
+        reports = {label: report[key] for label, report in results.items() if key in report}
+        for label, report in reports.items():
+            full = _full(report["dims"])
+            rows.append((name, label, *_summary(full)))
+            columns = ("queries", "model", *_summary_columns(full))
+        if reports:
+            counts.append(f"{next(iter(reports.values()))['queries']:,} {name}")
+    if rows:
+        ui.print_table(f"text search and item -> item recall, full dimension ({', '.join(counts)} queries)",
+                       rows, columns)
+
+
+def _summary(full: dict) -> tuple:
+    """R@(smallest K), R@headline K with its interval, R@(largest K)."""
+    ks, k = _ks(full)
+    return full[f"recall@{ks[0]}"]["value"], full[f"recall@{k}"]["value"], _ci(full[f"recall@{k}"]), \
+        full[f"recall@{ks[-1]}"]["value"]
+
+
+def _summary_columns(full: dict) -> tuple[str, ...]:
+    ks, k = _ks(full)
+    return f"R@{ks[0]}", f"R@{k}", f"R@{k} 95% CI", f"R@{ks[-1]}"
+
+
+def _full(dims: dict) -> dict:
+    """The figures at the full dimension (the widest)."""
+    return dims[max(dims, key=int)]
+
+
+def _ks(by_k: dict) -> tuple[list[int], int]:
+    """The K values of a report and its headline K (10 where measured, else the smallest)."""
+    ks = sorted(int(name.split("@")[1]) for name in by_k)
+    return ks, 10 if 10 in ks else ks[0]
+
+
+def _ci(metric: dict) -> str:
+    lo, hi = metric["ci95"]
+    return f"{lo:.3f}-{hi:.3f}"

@@ -90,12 +90,18 @@ class Embedder(torch.nn.Module):
         return save_model_dir(path, self.backbone, self.tokenizer, self.settings)
 
     @classmethod
-    def load(cls, path: str | Path) -> Embedder:
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> Embedder:
+        """A saved embedder exactly as it was saved: its attention, dimensions and served view come
+        from its own `moon_model.json`, never from the loading run's config, so the same weights
+        give the same vectors whoever loads them. On `device` (default: CPU), in eval mode."""
         path = Path(path)
+        if not (path / SETTINGS_FILE).is_file():
+            raise UserError(f"{path} is not a MOON model directory (it has no {SETTINGS_FILE})")
         settings = ModelConfig.model_validate(json.loads((path / SETTINGS_FILE).read_text()))
         settings = settings.model_copy(update={"checkpoint": str(path)})
         tokenizer = load_tokenizer(path)
-        return cls(build_backbone(settings, tokenizer), tokenizer, settings)
+        embedder = cls(build_backbone(settings, tokenizer), tokenizer, settings)
+        return embedder.to(device or "cpu").eval()
 
 
 def save_model_dir(path: str | Path, model, tokenizer, settings: ModelConfig) -> Path:

@@ -8,7 +8,6 @@ processor does (CLIP normalisation, a still frame repeated over the temporal pat
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from moon.model.tokenizer import IMAGE_PAD, VISION_END, VISION_START
+from moon.io.images import decode
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -84,7 +84,5 @@ class Collator:
         return values, grid
 
     def _pixels(self, image: bytes | Image.Image) -> torch.Tensor:
-        if isinstance(image, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(image))
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+        image = decode(image).resize((self.image_size, self.image_size), Image.BICUBIC)
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -1,9 +1,7 @@
 """MOON's views as model inputs: what a query or an item shows the embedder.
 
-An item is seen in one of four views (`schema.ITEM_VIEWS`): its richer text (title,
-category path, attribute values), its image, its title beside its image, or its richer
-text beside its image. A query is a text, a user photo, or an item in one of those views.
-The text of each view is defined once, in `baseline.item_text`, for every embedder.
+An item is seen in one of four views (`moon.views`: the text each shows is defined there
+once, for every embedder). A query is a text, a user photo, or an item in one of those views.
 """
 
 from __future__ import annotations
@@ -13,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from moon.data.baseline import item_text
 from moon.model.inputs import Input
+from moon.views import item_text
 
 
 class ItemViews:

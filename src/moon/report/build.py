@@ -16,22 +16,22 @@ import pyarrow.parquet as pq
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.data.accounting import Accounting, Step
-from moon.data.pairs import STATS_FILE
-from moon.data.summary import summarize
-from moon.data.tables import has_table, read_manifest, utc_now, write_text_atomic
+from moon.pairs.accounting import Accounting, Step
+from moon.sources.summary import summarize
+from moon.io.atomic import atomic_file, atomic_json
+from moon.io.tables import has_table, read_manifest, utc_now
 from moon.errors import UserError
 from moon.report import gallery, recall, training
 from moon.report.html import Html, Section, not_run, note, page, table, text
+from moon.run import RunDir
 
-REPORT_DIR = "report"
 HTML_FILE = "report.html"
 METRICS_FILE = "metrics.json"
 REAL_CATALOGUE = "behaviour is simulated over a real catalogue"
 
 
 def report_path(run_dir: Path) -> Path:
-    return Path(run_dir) / REPORT_DIR / HTML_FILE
+    return RunDir(run_dir).report / HTML_FILE
 
 
 def build_report(config: MoonConfig, run_dir: Path) -> Path:
@@ -51,10 +51,10 @@ def build_report(config: MoonConfig, run_dir: Path) -> Path:
     for section in sections:
         metrics.update(section.metrics)
     header = f"<p>Run directory <code>{text(run_dir)}</code>, report made {text(created)}.</p>"
-    out = run_dir / REPORT_DIR
+    out = RunDir(run_dir).report
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2, default=str) + "\n")
-    write_text_atomic(out / HTML_FILE, page(f"MOON report: {run_dir.name}", header, sections))
+    atomic_json(out / METRICS_FILE, metrics)
+    atomic_file(out / HTML_FILE, page(f"MOON report: {run_dir.name}", header, sections))
     return out / HTML_FILE
 
 
@@ -80,7 +80,7 @@ def data_section(run_dir: Path) -> Section:
     if "image queries (user photos)" in counts:
         queries = counts["text queries"] + counts["image queries (user photos)"]
         rows.append(("share of image queries", counts["image queries (user photos)"] / max(queries, 1)))
-    rejects = run_dir / "rejects.parquet"
+    rejects = RunDir(run_dir).rejects
     if rejects.exists():
         rows.append(("ingest rejects (rejects.parquet)", pq.read_metadata(rejects).num_rows))
     origin, body = provenance(run_dir)
@@ -111,7 +111,7 @@ def provenance(run_dir: Path) -> tuple[dict, str]:
 def pairs_section(run_dir: Path) -> Section:
     """Every cleaning step's rows in, kept and dropped by reason, and the pairs per split and task."""
     title = "Pair accounting"
-    path = run_dir / STATS_FILE
+    path = RunDir(run_dir).pairs_stats
     if not path.exists():
         return Section("pair-accounting", title, not_run("no post-training pairs", "moon pairs"))
     stats = json.loads(path.read_text())

@@ -1,9 +1,10 @@
-"""The image-search gallery: held-out user photos beside what the newest model retrieves for them.
+"""The image-search gallery: held-out user photos beside what the newest model retrieved for them.
 
 Numbers say how often the model finds the bought product; the gallery shows what it finds
 instead, so a reader can judge whether misses are near misses (same kind of product) or
-nonsense. Queries are drawn with the run's seed, half from hits and half from misses when
-both exist.
+nonsense. It only renders what `moon eval retrieval` found (`eval/predictions/<model>.parquet`):
+it loads no model and searches nothing. Queries are drawn with the run's seed, half from
+hits and half from misses when both exist.
 """
 
 from __future__ import annotations
@@ -13,64 +14,47 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
+import pyarrow.parquet as pq
 
-from moon import ui
 from moon.config import MoonConfig
-from moon.data.tables import has_table, read_table
-from moon.errors import UserError
-from moon.eval.image_search import ITEM_VIEW
-from moon.eval.retrieval import top_k
-from moon.model.embedder import Embedder
-from moon.model.inputs import Input
-from moon.model.views import ItemViews
+from moon.io.tables import has_table, read_table
 from moon.report.html import Section, not_run, note, text, thumbnail
-from moon.represent.batch import load_embedder, resolve_model
-from moon.store.search import version_made_by
-from moon.store.versions import Store
+from moon.run import RunDir
 
 QUERIES = 8
 RESULTS = 5
-CANDIDATES = 256  # held-out queries searched to find hits and misses among; bounds the encoding cost
-
-
-@dataclass
-class Catalogue:
-    """The searched catalogue: ids and vectors in one order, and where the vectors came from."""
-
-    item_ids: list[str]
-    vectors: np.ndarray
-    source: str
+CANDIDATES = 256  # held-out queries (a seeded draw) that hits and misses are chosen among
 
 
 def section(config: MoonConfig, run_dir: Path) -> Section:
     title = "Image-search gallery"
+    run = RunDir(run_dir)
     if not has_table(run_dir, "eval_image_search"):
         return Section("image-search-gallery", title, not_run("no held-out photo queries", "moon pairs"))
-    try:
-        label, path = resolve_model(run_dir, None)
-    except UserError:
+    label = run.latest_model()
+    if label is None:
         return Section("image-search-gallery", title, not_run("no trained model", "moon posttrain --stage 1"))
+    if not run.predictions(label).is_file():
+        return Section("image-search-gallery", title, not_run(f"no image-search results of {label}", "moon eval retrieval"))
     queries = read_table(run_dir, "eval_image_search", ["query_id", "query_image", "item_id"])
     if queries.num_rows == 0:
         return Section("image-search-gallery", title, note("the evaluation set holds no photo queries"))
-    items = read_table(run_dir, "items", ["item_id", "title", "category", "attributes", "image"])
-    embedder = load_embedder(path, config.model.bidirectional, torch.device("cpu"))
-    catalogue = catalogue_vectors(run_dir, path, items, embedder)
-    ui.log(f"gallery: {label} model; catalogue vectors {catalogue.source}")
+    predictions = pq.read_table(run.predictions(label))
+    saved = {key.decode(): value.decode() for key, value in (predictions.schema.metadata or {}).items()}
 
     rng = np.random.default_rng(config.seed)
-    searched = search(embedder, catalogue, queries, rng)
+    searched = search(queries, predictions, rng)
     shown = choose(searched.hits, rng)
+    items = read_table(run_dir, "items", ["item_id", "title", "image"])
     images = dict(zip(items["item_id"].to_pylist(), items["image"].to_pylist()))
     titles = dict(zip(items["item_id"].to_pylist(), items["title"].to_pylist()))
     rows = [render_query(searched.query_ids[q], searched.photos[q], searched.bought[q], searched.found[q],
                          searched.scores[q], images, titles) for q in shown]
-    header = (f"<p>Model <b>{text(label)}</b> ({text(path)}); catalogue vectors: {text(catalogue.source)} "
-              f"({len(catalogue.item_ids):,} items, {ITEM_VIEW} view). {len(shown)} of the "
+    header = (f"<p>Model <b>{text(label)}</b> ({text(run.model(label))}); catalogue vectors: {text(saved['item_vectors'])} "
+              f"({items.num_rows:,} items, {text(saved['item_view'])} view). {len(shown)} of the "
               f"{queries.num_rows:,} held-out photo queries (drawn with seed {config.seed} from hits and misses), "
               f"each beside its top {RESULTS}; a green border marks the bought item.</p>")
-    metrics = {"model": label, "item_vectors": catalogue.source, "queries": len(shown),
+    metrics = {"model": label, "item_vectors": saved["item_vectors"], "queries": len(shown),
                "hits": int(searched.hits[shown].sum()), "searched": len(searched.bought),
                f"recall@{RESULTS}_of_searched": float(searched.hits.mean())}
     return Section("image-search-gallery", title, header + "\n".join(rows), {"gallery": metrics})
@@ -88,27 +72,17 @@ class Searched:
     hits: np.ndarray  # bool: the bought item is among the results
 
 
-def search(embedder: Embedder, catalogue: Catalogue, queries: pa.Table, rng: np.random.Generator) -> Searched:
-    """Up to CANDIDATES held-out queries (a seeded draw, in table order) searched exactly over the catalogue."""
+def search(queries: pa.Table, predictions: pa.Table, rng: np.random.Generator) -> Searched:
+    """Up to CANDIDATES held-out queries (a seeded draw, in table order) with the results eval saved."""
     rows = pa.array(np.sort(rng.permutation(queries.num_rows)[:CANDIDATES]))
-    photos = queries["query_image"].take(rows).to_pylist()
+    query_ids = queries["query_id"].take(rows).to_pylist()
+    saved = dict(zip(predictions["query_id"].to_pylist(),
+                     zip(predictions["item_ids"].to_pylist(), predictions["scores"].to_pylist())))
+    found = [saved[q][0][:RESULTS] for q in query_ids]
+    scores = np.array([saved[q][1][:RESULTS] for q in query_ids], dtype=np.float32)
     bought = queries["item_id"].take(rows).to_pylist()
-    scores, ranked = top_k(embedder.encode([Input(None, photo) for photo in photos]), catalogue.vectors, RESULTS)
-    found = [[catalogue.item_ids[i] for i in row] for row in ranked]
     hits = np.array([item in row for item, row in zip(bought, found)], dtype=bool)
-    return Searched(queries["query_id"].take(rows).to_pylist(), photos, bought, found, scores, hits)
-
-
-def catalogue_vectors(run_dir: Path, model_path: Path, items: pa.Table, embedder: Embedder) -> Catalogue:
-    """The latest store version when the same weights made it in the served view, else the catalogue
-    encoded now: vectors from other weights live in another space and cannot be searched with these."""
-    name = version_made_by(run_dir, model_path)
-    version = Store(run_dir).open(name) if name else None
-    if version is not None and version.manifest.get("item_view") == ITEM_VIEW:
-        return Catalogue(version.item_ids(), version.vectors(), f"store version {version.name}")
-    views = ItemViews(items)
-    vectors = embedder.encode(views.inputs(range(len(views)), ITEM_VIEW))
-    return Catalogue(views.item_ids, vectors, "encoded for this report")
+    return Searched(query_ids, queries["query_image"].take(rows).to_pylist(), bought, found, scores, hits)
 
 
 def choose(hits: np.ndarray, rng: np.random.Generator, n: int = QUERIES) -> list[int]:

@@ -11,6 +11,8 @@ from html import escape
 
 from PIL import Image, ImageOps
 
+from moon.io.images import decode
+
 THUMB_SIDE = 96  # gallery thumbnails: small enough to keep the file light, large enough to recognise a product
 THUMB_QUALITY = 85
 
@@ -113,8 +115,7 @@ def img(data: bytes, mime: str, width: int, height: int, alt: str, kind: str) ->
 
 def thumbnail(image: bytes, alt: str) -> str:
     """An image re-encoded as a small JPEG (longest side THUMB_SIDE) and embedded."""
-    with Image.open(io.BytesIO(image)) as source:
-        small = ImageOps.contain(source.convert("RGB"), (THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+    small = ImageOps.contain(decode(image), (THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=THUMB_QUALITY)
     return img(buffer.getvalue(), "image/jpeg", small.width, small.height, alt, "thumb")

@@ -15,11 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moon.data.tables import MANIFEST
-from moon.eval.image_search import MODELS
 from moon.report import plots
 from moon.report.html import Html, Section, not_run, note, table, text, value_with_ci
-from moon.train.loop import model_dir
+from moon.run import RunDir
 
 DEFAULT_GROUP = "image_search"
 GROUP_TITLES = {
@@ -85,7 +83,7 @@ def _place(keys: tuple[str, ...]) -> tuple[str, int | None, list[str]] | None:
 
 
 def section(run_dir: Path) -> Section:
-    path = Path(run_dir) / "eval" / "retrieval.json"
+    path = RunDir(run_dir).retrieval_results
     if not path.exists():
         return Section("recall", "Recall", not_run("no retrieval evaluation", "moon eval retrieval"))
     try:
@@ -117,7 +115,7 @@ def _settings(data: dict) -> str:
 def _missing_models(run_dir: Path, measures: list[Measure]) -> str:
     """A note for trained models the evaluation has not seen (trained after it ran)."""
     seen = {f.model for f in measures}
-    missing = [s for s in MODELS if (model_dir(run_dir, s) / MANIFEST).exists() and s not in seen]
+    missing = [s for s in RunDir(run_dir).trained_models() if s not in seen]
     return note(f"not evaluated yet: {', '.join(missing)}: run `moon eval retrieval`") if missing else ""
 
 

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 from moon.config import MoonConfig
-from moon.data.tables import MANIFEST
 from moon.report import plots
 from moon.report.html import Section, not_run, note, table
-from moon.train.loop import model_dir, read_log, work_dir
+from moon.run import MANIFEST, RunDir
+from moon.train.loop import read_log
 
-STAGES = {  # stage -> (what it is, the command that makes it, the log's throughput key and unit)
+STAGES = {  # each of MODEL_STAGES -> (what it is, the command that makes it, the log's throughput key and unit)
     "pretrain": ("pretraining", "moon pretrain", "examples_per_s", "examples/s"),
     "stage1": ("post-training stage 1", "moon posttrain --stage 1", "pairs_per_s", "pairs/s"),
     "stage2": ("post-training stage 2", "moon posttrain --stage 2", "pairs_per_s", "pairs/s"),
@@ -23,7 +23,7 @@ def section(config: MoonConfig, run_dir: Path) -> Section:
     for stage, (name, command, rate_key, unit) in STAGES.items():
         parts.append(f"<h3>{name}</h3>")
         try:
-            log = read_log(work_dir(run_dir, stage))
+            log = read_log(RunDir(run_dir).work(stage))
         except json.JSONDecodeError:
             parts.append(note(f"the {name} log is being written (a line is incomplete): build the report again later"))
             continue
@@ -104,5 +104,5 @@ def summary_rows(summary: dict, unit: str, manifest: dict) -> list[tuple]:
 
 
 def _manifest(run_dir: Path, stage: str) -> dict:
-    path = model_dir(run_dir, stage) / MANIFEST
+    path = RunDir(run_dir).model(stage) / MANIFEST
     return json.loads(path.read_text()) if path.exists() else {}

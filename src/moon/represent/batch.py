@@ -12,8 +12,9 @@ Incremental mode embeds only the catalogue items the latest version does not hol
 (items launched since it was made) with the model that made it, and adds them to it as one
 new shard. Items dropped from the catalogue stay in the version.
 
-Items are seen in the served view (richer text + image), embedded at the full dimension and
-L2-normalised; the store keeps them as float16 (see `moon.store.versions`).
+Items are seen in the view the model serves (`model.served_view` in its own settings, richer
+text + image by default), embedded at the full dimension and L2-normalised; the store keeps
+them as float16 (see `moon.store.versions`).
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ import torch.distributed as dist
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.data.tables import MANIFEST, dataset, read_table, table_path
 from moon.errors import UserError
-from moon.eval.image_search import ITEM_VIEW
-from moon.model.backbone import set_bidirectional
+from moon.io.tables import MANIFEST, dataset, read_table, table_path
 from moon.model.embedder import SETTINGS_FILE, Embedder
 from moon.model.views import ItemViews
+from moon.run import MODEL_STAGES, RunDir
 from moon.store.versions import DTYPE, Store, StoreVersion, checkpoint_digest, partition_bounds
-from moon.train.loop import Processes, model_dir
+from moon.train.loop import Processes
 
-STAGES = ("stage2", "stage1", "pretrain")  # the default model: the latest trained stage
 ITEM_COLUMNS = ["item_id", "title", "category", "attributes", "image"]
 
 
@@ -63,7 +62,7 @@ def embed_all(config: MoonConfig, run_dir: Path, processes: Processes, model: st
     """Batch mode: fills the missing partitions of the version for this model and catalogue."""
     store = Store(run_dir)
     label, path = resolve_model(run_dir, model)
-    embedder = load_embedder(path, config.model.bidirectional, processes.device)
+    embedder = Embedder.load(path, processes.device)
     decision = None
     if processes.is_main:  # one process decides the version and what is left to do
         builder = store.begin(make_plan(config, run_dir, label, path, embedder), version)
@@ -122,7 +121,7 @@ def _add_new_items(config: MoonConfig, run_dir: Path, store: Store, model: str |
         ui.log(f"store version {target.name} already holds all {len(ids):,} catalogue items")
         return target
     rows = read_rows(dataset(run_dir, "items"), new)
-    embedder = load_embedder(path, made_by["bidirectional"], device)
+    embedder = Embedder.load(path, device)
     started = time.perf_counter()
     with ui.progress(f"embed new items into {target.name}", len(new), unit="items") as advance:
         vectors = encode_items(embedder, ItemViews(rows), made_by["item_view"], config.store.batch_size, advance)
@@ -133,20 +132,21 @@ def _add_new_items(config: MoonConfig, run_dir: Path, store: Store, model: str |
 
 
 def resolve_model(run_dir: Path, model: str | None) -> tuple[str, Path]:
-    """(label, directory) of the model to embed with: a stage of the run or a model directory."""
+    """(label, directory) of the model to embed with: a stage of the run (default: the latest
+    trained one) or a model directory."""
+    run = RunDir(run_dir)
     if model is None:
-        for stage in STAGES:
-            if (model_dir(run_dir, stage) / MANIFEST).exists():
-                return stage, model_dir(run_dir, stage)
-        raise UserError(f"no trained model in {Path(run_dir) / 'models'}: run `moon posttrain --stage 1` "
+        if (latest := run.latest_model()) is not None:
+            return latest, run.model(latest)
+        raise UserError(f"no trained model in {run / 'models'}: run `moon posttrain --stage 1` "
                         "(or `moon pretrain`) first, or pass --model DIR")
-    if model in STAGES:
-        if not (model_dir(run_dir, model) / MANIFEST).exists():
-            raise UserError(f"no {model} model in {model_dir(run_dir, model)}: train it first or pick another --model")
-        return model, model_dir(run_dir, model)
+    if model in MODEL_STAGES:
+        if not run.has_model(model):
+            raise UserError(f"no {model} model in {run.model(model)}: train it first or pick another --model")
+        return model, run.model(model)
     path = Path(model)
     if not (path / SETTINGS_FILE).is_file():
-        raise UserError(f"--model {model} is neither a stage ({', '.join(STAGES)}) "
+        raise UserError(f"--model {model} is neither a stage ({', '.join(MODEL_STAGES)}) "
                         f"nor a model directory (one with {SETTINGS_FILE})")
     return path.resolve().name, path
 
@@ -161,18 +161,12 @@ def make_plan(config: MoonConfig, run_dir: Path, label: str, path: Path, embedde
         "dims": embedder.dim,
         "matryoshka_dims": list(embedder.settings.matryoshka_dims),
         "dtype": DTYPE,
-        "item_view": ITEM_VIEW,
-        "bidirectional": config.model.bidirectional,
+        "item_view": embedder.settings.served_view,
+        "bidirectional": embedder.settings.bidirectional,
         "partitions": config.store.partitions,
         "items": dataset(run_dir, "items").count_rows(),
         "items_digest": _digest(items_manifest.read_bytes()),  # a rewritten items table has a new manifest
     }
-
-
-def load_embedder(path: Path, bidirectional: bool, device: torch.device) -> Embedder:
-    embedder = Embedder.load(path)
-    set_bidirectional(embedder.backbone, bidirectional)  # pretraining ran causal; embedding follows the config
-    return embedder.to(device).eval()
 
 
 def encode_items(embedder: Embedder, views: ItemViews, view: str, batch_size: int, advance) -> np.ndarray:

@@ -42,11 +42,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moon.data.baseline import l2_normalise
-from moon.data.tables import MANIFEST, utc_now, write_parquet_atomic, write_text_atomic
 from moon.errors import UserError
+from moon.io.atomic import atomic_json, atomic_parquet
+from moon.io.tables import MANIFEST, utc_now
+from moon.run import RunDir
+from moon.vectors import unit_rows
 
-STORE = "store"
 PLAN = "plan.json"
 DTYPE = "float16"
 NAME = re.compile(r"^v(\d+)-[A-Za-z0-9_.-]+$")
@@ -83,19 +84,15 @@ def _digest_of_files(stats: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
 def write_shard(path: Path, item_ids: Sequence[str], vectors: np.ndarray) -> int:
     """Writes L2-normalised float16 vectors to a hidden temporary file, then renames it to `path`."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) != len(item_ids):
         raise ValueError(f"{len(item_ids)} item ids need a ({len(item_ids)}, dim) array, got {vectors.shape}")
-    vectors = l2_normalise(vectors).astype(np.float16)
+    vectors = unit_rows(vectors).astype(np.float16)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), type=pa.float16()), vectors.shape[1])
     table = pa.table({"item_id": pa.array(list(item_ids), type=pa.string()), "vector": column})
-    write_parquet_atomic(table, path)
+    atomic_parquet(table, path)
     return table.num_rows
 
 
@@ -109,7 +106,7 @@ class Store:
     """The versions in one run directory's `store/`."""
 
     def __init__(self, run_dir: Path):
-        self.root = Path(run_dir) / STORE
+        self.root = RunDir(run_dir).store
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -138,6 +135,16 @@ class Store:
             raise UserError(f"store version {name} {state}; finished versions: {', '.join(self.versions()) or 'none'}")
         return StoreVersion(self.path(name))
 
+    def made_by(self, model_path: Path) -> str | None:
+        """The newest finished version made by the weights now in `model_path` (matched by
+        checkpoint digest, wherever the weights lived), or None: no version of this model is current."""
+        try:
+            digest = checkpoint_digest(model_path)
+        except UserError:  # no weights there (yet)
+            return None
+        made = [name for name in self.versions() if self.open(name).manifest.get("checkpoint_digest") == digest]
+        return made[-1] if made else None
+
     def next_name(self, label: str) -> str:
         numbers = [int(NAME.match(name).group(1)) for name in self.names()]
         return f"v{max(numbers, default=0) + 1}-{re.sub(r'[^A-Za-z0-9_.-]', '-', label)}"
@@ -156,7 +163,7 @@ class Store:
                                 f"(checkpoint {made_from['checkpoint_digest']}): choose a new --version name")
         else:
             path.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path / PLAN, {"version": name, **plan})
+            atomic_json(path / PLAN, {"version": name, **plan})
         remove_temporary(path)
         return VersionBuilder(path)
 
@@ -202,7 +209,7 @@ class VersionBuilder:
                   for p in range(self.plan["partitions"])]
         count = sum(shard["count"] for shard in shards)
         manifest = {**self.plan, "count": count, "shards": shards, "created_at": utc_now(), **extra}
-        write_json_atomic(self.path / MANIFEST, manifest)
+        atomic_json(self.path / MANIFEST, manifest)
         return StoreVersion(self.path)
 
 
@@ -246,7 +253,7 @@ class StoreVersion:
         Matryoshka prefix, re-normalised."""
         dim = self._check_dim(dim)
         flat = self.table()["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return l2_normalise(flat.reshape(-1, self.dim)[:, :dim].astype(np.float32))
+        return unit_rows(flat.reshape(-1, self.dim)[:, :dim].astype(np.float32))
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:
         """Row of each id in `vectors()`, -1 where the version does not hold it."""
@@ -274,7 +281,7 @@ class StoreVersion:
         count = write_shard(self.path / file, [i for i, keep in zip(item_ids, new) if keep], np.asarray(vectors)[new])
         manifest = {**self.manifest, "count": len(self) + count, "updated_at": utc_now(),
                     "shards": [*self.manifest["shards"], {"file": file, "count": count}]}
-        write_json_atomic(self.path / MANIFEST, manifest)
+        atomic_json(self.path / MANIFEST, manifest)
         self._load_manifest()
         return count
 

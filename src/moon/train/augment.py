@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from moon.data.baseline import background_colour
-from moon.data.world.photos import decode_image
+from moon.baseline.descriptor import background_colour
+from moon.io.images import decode
 
 CROP_SCALE = (0.35, 1.0)  # share of the image area a random crop keeps
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -44,7 +44,7 @@ WORK_SIDE = 4  # a catalogue image is cut out at no more than this multiple of t
 def augment(image: bytes | Image.Image, rng: np.random.Generator, size: int,
             scenes: Sequence[bytes] = ()) -> Image.Image:
     """A size x size random view of `image`, as a shopper's photo of it could look."""
-    image = decode_image(image) if isinstance(image, (bytes, bytearray)) else image.convert("RGB")
+    image = decode(image)
     staged = _restage(image, rng, size, scenes) if len(scenes) and rng.random() < RESTAGED else None
     image = staged if staged is not None else _resized_crop(image, rng, size)
     if rng.random() < 0.5:
@@ -58,7 +58,7 @@ def augment(image: bytes | Image.Image, rng: np.random.Generator, size: int,
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 1.0) * size / 64))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=int(rng.integers(30, 90)))
-    return decode_image(buffer.getvalue())
+    return decode(buffer.getvalue())
 
 
 def _resized_crop(image: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
@@ -78,7 +78,7 @@ def _restage(image: Image.Image, rng: np.random.Generator, size: int, scenes: Se
     product = cut_out(image)
     if product is None:
         return None
-    scene = _scene_crop(decode_image(scenes[int(rng.integers(len(scenes)))]), rng, size)
+    scene = _scene_crop(decode(scenes[int(rng.integers(len(scenes)))]), rng, size)
     scale = size * rng.uniform(*PRODUCT_SCALE) / max(product.size)
     product = product.resize((max(1, round(product.width * scale)), max(1, round(product.height * scale))),
                              Image.BILINEAR)

@@ -3,7 +3,7 @@
 A pretrained Qwen2-VL brings years of visual knowledge to MOON's post-training; a tiny
 backbone from random initialisation brings none, and behaviour pairs alone teach it to
 tell a shopper's photo from a catalogue image very slowly. The non-learned baseline
-(`moon.data.baseline`) already knows one thing well: the colour and texture of the
+(`moon.baseline.embedder`) already knows one thing well: the colour and texture of the
 product in the middle of an image. This loss hands that knowledge to the embedder.
 
 A linear head maps an embedding into the descriptor space, and the loss asks which
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moon import ui
-from moon.data.baseline import image_descriptors
+from moon.baseline.descriptor import image_descriptors
 
 NO_TARGET = -1  # an embedding that shows no catalogue image (a text query, a text-only item view)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +29,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from moon.config import TrainLoop
-from moon.data.tables import MANIFEST, utc_now
+from moon.io.atomic import atomic_dir
+from moon.io.tables import MANIFEST, utc_now
 
 CHECKPOINT = "checkpoint"
 LOG = "log.jsonl"
-
-
-def model_dir(run_dir: Path, stage: str) -> Path:
-    """Where a finished model of a stage (pretrain, stage1, stage2) is published."""
-    return Path(run_dir) / "models" / stage
-
-
-def work_dir(run_dir: Path, stage: str) -> Path:
-    """Where a stage keeps its resumable checkpoint and its training log while it runs."""
-    return Path(run_dir) / "train" / stage
 
 
 @dataclass(frozen=True)
@@ -144,16 +134,9 @@ class Checkpoints:
     def save(self, step: int, modules: dict[str, object], extra: dict | None = None) -> None:
         """Saves the state dicts of `modules` (model, optimiser, schedule...) after `step` steps."""
         if self.processes.is_main:
-            tmp = self.path.with_name(f".{CHECKPOINT}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
             state = {name: module.state_dict() for name, module in modules.items()}
-            torch.save({"step": step, "digest": self.digest, "state": state, "extra": extra or {}}, tmp / "state.pt")
-            old = self.path.with_name(f".{CHECKPOINT}.old")
-            if self.path.exists():
-                self.path.rename(old)
-            tmp.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
+            with atomic_dir(self.path) as tmp:
+                torch.save({"step": step, "digest": self.digest, "state": state, "extra": extra or {}}, tmp / "state.pt")
         self.processes.barrier()
 
     def restore(self, modules: dict[str, object]) -> tuple[int, dict]:
@@ -195,15 +178,7 @@ def read_log(work_dir: Path) -> list[dict]:
 
 def publish(save: Callable[[Path], object], final: Path, manifest: dict) -> Path:
     """Writes a finished model with `save(tmp_dir)` plus its manifest, then renames it to `final`."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    (tmp / MANIFEST).write_text(json.dumps({**manifest, "created_at": utc_now()}, indent=2, default=str) + "\n")
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    with atomic_dir(final) as tmp:
+        save(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "created_at": utc_now()}, indent=2, default=str) + "\n")
+    return Path(final)

@@ -27,10 +27,11 @@ import torch
 
 from moon import ui
 from moon.config import MoonConfig, PosttrainStage
-from moon.data import schema
-from moon.data.tables import has_table, read_table
+from moon.io import schema
+from moon.io.tables import has_table, read_table
 from moon.errors import UserError
-from moon.model.backbone import autocast, prepare_for_training, set_bidirectional
+from moon.run import MODEL_STAGES, RunDir
+from moon.model.backbone import autocast, prepare_for_training
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews, query_input
@@ -42,22 +43,22 @@ from moon.train.loop import (
     Processes,
     TrainLog,
     global_batch_indices,
-    model_dir,
     optimiser,
     publish,
-    work_dir,
 )
 from moon.train.losses import TaskTemperatures, info_nce, matryoshka
 from moon.train.negatives import EmbeddingQueue, gather_from_ranks, gather_uneven
+from moon.views import SERVED_VIEW
 
 SECTIONS = ("world", "behaviour", "ingest", "pairs", "model", "pretrain", "posttrain")
-STAGES = {1: "stage1", 2: "stage2"}
-CATALOGUE_TASK = "image->richer-text+image"  # a catalogue self-pair: the item's image finds the item
+STAGES = {1: MODEL_STAGES[1], 2: MODEL_STAGES[2]}  # --stage N -> its model stage
+CATALOGUE_TASK = f"image->{SERVED_VIEW}"  # a catalogue self-pair: the item's image finds the item as served
 
 
 def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     """Trains one post-training stage and publishes the embedder to `models/stage<N>/`."""
     settings: PosttrainStage = getattr(config.posttrain, STAGES[stage])
+    run = RunDir(run_dir)
     processes = Processes.start()
     items = ItemViews(read_table(run_dir, "items"))
     pairs = PairTable(train_pairs(run_dir, stage), items, product_keys(run_dir, items), settings.catalogue_pairs,
@@ -80,9 +81,9 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if distillation:
         state["distillation"] = distillation
 
-    checkpoints = Checkpoints(work_dir(run_dir, STAGES[stage]), processes, config.digest(*SECTIONS))
+    checkpoints = Checkpoints(run.work(STAGES[stage]), processes, config.digest(*SECTIONS))
     start, _ = checkpoints.restore(state)
-    log = TrainLog(work_dir(run_dir, STAGES[stage]), processes, start)
+    log = TrainLog(run.work(STAGES[stage]), processes, start)
     global_batch = settings.batch_size * processes.world_size
     if start:
         ui.log(f"resuming post-training stage {stage} after step {start}")
@@ -112,7 +113,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     manifest = {"stage": stage, "config_digest": config.digest(*SECTIONS), "started_from": source,
                 "steps": settings.steps, "pairs_seen": settings.steps * global_batch, "train_pairs": len(pairs),
                 "processes": processes.world_size, "temperatures": temperatures.values()}
-    final = model_dir(run_dir, STAGES[stage])
+    final = run.model(STAGES[stage])
     if processes.is_main:
         publish(embedder.save, final, manifest)
     processes.stop()
@@ -122,19 +123,17 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
 def starting_embedder(config: MoonConfig, run_dir: Path, stage: int, pairs: PairTable) -> tuple[Embedder, str]:
     """Stage 2 continues stage 1; stage 1 starts from the pretraining checkpoint when there is
     one (and `posttrain.from_pretrained`), else from `model.checkpoint` or a new tiny model."""
+    run = RunDir(run_dir)
     if stage == 2:
-        source = model_dir(run_dir, "stage1")
-        if not has_table(run_dir, "models/stage1"):
+        source = run.model("stage1")
+        if not run.has_model("stage1"):
             raise UserError(f"no stage-1 model in {source}: run `moon posttrain --stage 1` first")
     else:
-        source = model_dir(run_dir, "pretrain")
-        if not (config.posttrain.from_pretrained and has_table(run_dir, "models/pretrain")):
+        source = run.model("pretrain")
+        if not (config.posttrain.from_pretrained and run.has_model("pretrain")):
             corpus = [*pairs.items.texts(), *pairs.query_texts()]
             return Embedder.create(config.model, corpus, seed=config.seed), config.model.checkpoint or "random init"
-    embedder = Embedder.load(source)
-    set_bidirectional(embedder.backbone, config.model.bidirectional)  # pretraining ran causal
-    embedder.settings = embedder.settings.model_copy(update={"bidirectional": config.model.bidirectional})
-    return embedder, str(source)
+    return Embedder.load(source), str(source)  # with the attention it was published with
 
 
 def train_pairs(run_dir: Path, stage: int) -> pa.Table:

@@ -28,12 +28,13 @@ import torch.distributed as dist
 
 from moon import ui
 from moon.config import ModelConfig, MoonConfig
-from moon.data.tables import read_table
+from moon.io.tables import read_table
 from moon.errors import UserError
 from moon.model.backbone import autocast
 from moon.model.generative import IGNORE, AnswerLoss, build_generative, make_collator, save_generative
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
-from moon.train.loop import Checkpoints, Processes, TrainLog, batch_indices, model_dir, optimiser, publish, work_dir
+from moon.run import RunDir
+from moon.train.loop import Checkpoints, Processes, TrainLog, batch_indices, optimiser, publish
 from moon.train.pretrain_data import Example, PretrainCollator, build_examples, example_texts, split_items
 
 SECTIONS = ("world", "behaviour", "ingest", "model", "pretrain")  # what the published model depends on
@@ -48,7 +49,7 @@ def pretrain(config: MoonConfig, run_dir: Path) -> Path:
     run_dir, loop, settings = Path(run_dir), config.pretrain, config.model
     processes = Processes.start()
     digest = config.digest(*SECTIONS)
-    work = work_dir(run_dir, "pretrain")
+    work = RunDir(run_dir).work("pretrain")
     claim_work_dir(work, digest, processes)
 
     # 1. examples; held-out SPUs are never trained on
@@ -105,7 +106,7 @@ def pretrain(config: MoonConfig, run_dir: Path) -> Path:
     after = heldout_loss(loss_fn, collate, heldout, loop.batch_size, settings, processes)
     before = extra["heldout_before"]
     ui.log(f"pretrain: held-out answer loss {before['loss']:.3f} -> {after['loss']:.3f}")
-    final = model_dir(run_dir, "pretrain")
+    final = RunDir(run_dir).model("pretrain")
     if processes.is_main:
         manifest = {
             "stage": "pretrain",

@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from moon.config import BehaviourConfig
-from moon.data import schema
-from moon.data.world.catalog import SECONDS_PER_DAY, unix_seconds
-from moon.data.world.market import Market
-from moon.data.world.photos import user_photo
-from moon.data.world.vocab import REGIONS
+from moon.io import schema
+from moon.sources.simulate.catalog import SECONDS_PER_DAY, unix_seconds
+from moon.sources.simulate.market import Market
+from moon.sources.simulate.photos import user_photo
+from moon.sources.simulate.vocab import REGIONS
 
 FAVOURITES = 3  # colours and brands a user favours
 FAVOURITE_LEAVES = 5

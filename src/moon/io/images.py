@@ -1,7 +1,17 @@
-"""Checking catalogue images before they enter the items table.
+"""Images in MOON: decoded one way everywhere, and checked before they enter the items table.
 
-Every kept image is fully decoded once here, so later stages can trust that `items.image`
-opens. Images that fail say why, with one of the reject reasons of `schema.REJECT_REASONS`.
+`decode` is the only way a stage turns image bytes into pixels (the embedder, the
+baseline, augmentation, distillation, near-duplicate detection, the simulator and the
+report all use it), with one rule for everything a file can carry:
+
+- EXIF orientation is applied, so a phone photo stored sideways is seen upright;
+- transparent parts (an alpha channel, or a palette's transparent colour) are composed
+  on white, as a shop page shows a cut-out product;
+- every other mode (greyscale, palette, CMYK, 16-bit) is converted to RGB.
+
+`check_image` decodes each ingested image fully once, so later stages can trust that
+`items.image` opens. Images that fail say why, with one of the reject reasons of
+`schema.REJECT_REASONS`.
 """
 
 from __future__ import annotations
@@ -11,12 +21,45 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Formats every later stage (and browsers) can read as they are: their bytes are kept untouched.
 KEPT_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 # Modes PNG can store; anything else (CMYK, YCbCr, LAB, ...) is converted before re-encoding.
 PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"})
+
+
+def decode(data: bytes | Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
+    """An encoded image (or a PIL image) as upright RGB, transparency on white.
+
+    `draft` (width, height) lets a JPEG decode at 1/2, 1/4 or 1/8 scale while still at least
+    that large: much less work when only a small picture is needed.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        return to_rgb(data)
+    with Image.open(io.BytesIO(data)) as image:
+        if draft is not None:
+            image.draft("RGB", draft)
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparent parts shown on white as a shop page shows them."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def central_square(image: Image.Image, side: int, resample=Image.BILINEAR) -> Image.Image:
+    """The largest centred square of `image`, resampled to side x side pixels."""
+    width, height = image.size
+    square = min(width, height)
+    left, top = (width - square) / 2, (height - square) / 2
+    return image.resize((side, side), resample, box=(left, top, left + square, top + square))
 
 
 class ImageError(Exception):

@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from moon import ui
-from moon.data.tables import MANIFEST, utc_now
+from moon.io.tables import MANIFEST, utc_now
 from moon.errors import UserError
 from moon.store.index import KINDS, META_FILE, Kind, VectorIndex, ann_recall
-from moon.store.versions import Store, StoreVersion, checkpoint_digest, write_json_atomic
+from moon.io.atomic import atomic_json
+from moon.run import RunDir
+from moon.store.versions import Store, StoreVersion
 
-INDEX = "index"
 FULL = "full"
 RECALL_SAMPLE = 1000  # queries drawn from the indexed vectors to measure an approximate index
 RECALL_K = 10
@@ -48,11 +49,6 @@ class IndexResult:
     index: VectorIndex
     added: int | None  # items added to a saved index; None when built from scratch
     recall: float | None  # recall@10 against exact search (approximate kinds only)
-
-
-def index_root(run_dir: Path, version: str) -> Path:
-    """The folder holding every index of one store version."""
-    return Path(run_dir) / INDEX / version
 
 
 def folder_name(dim: int, full_dim: int) -> str:
@@ -70,11 +66,11 @@ def index_version(run_dir: Path, version: str | None = None, kind: Kind = "auto"
         raise UserError(f"--kind {kind} is not an index kind; use one of: auto, {', '.join(KINDS)}")
     store = Store(run_dir)
     stored = store.open(version) if version else store.latest()
-    root = index_root(run_dir, stored.name)
+    root = RunDir(run_dir).index(stored.name)
     rebuild = rebuild or not _same_source(root, stored)
     ids = np.asarray(stored.item_ids(), dtype=str)
     results = [_index_one(stored, ids, dim, root, kind, rebuild, seed) for dim in _dims(stored, root, per_dim)]
-    write_json_atomic(root / MANIFEST, {
+    atomic_json(root / MANIFEST, {
         "store_version": stored.name,
         "store_created_at": stored.manifest.get("created_at"),
         "checkpoint_digest": stored.manifest.get("checkpoint_digest"),
@@ -89,7 +85,7 @@ def index_version(run_dir: Path, version: str | None = None, kind: Kind = "auto"
 def is_current(run_dir: Path, version: str) -> bool:
     """True when the saved index of store `version` holds every item the version holds (a cheap
     check of the manifests only, for the pipeline)."""
-    root = index_root(run_dir, version)
+    root = RunDir(run_dir).index(version)
     try:
         stored = Store(run_dir).open(version)
     except UserError:
@@ -101,23 +97,11 @@ def is_current(run_dir: Path, version: str) -> bool:
                                    for name, entry in indexes.items())
 
 
-def version_made_by(run_dir: Path, model_path: Path) -> str | None:
-    """The newest finished store version made by the weights now in `model_path` (matched by
-    checkpoint digest, wherever the weights lived), or None: no version of this model is current."""
-    store = Store(run_dir)
-    try:
-        digest = checkpoint_digest(model_path)
-    except UserError:  # no weights there (yet)
-        return None
-    made = [name for name in store.versions() if store.open(name).manifest.get("checkpoint_digest") == digest]
-    return made[-1] if made else None
-
-
 def load_index(run_dir: Path, version: str | None = None, dim: int | None = None) -> VectorIndex:
     """The saved index of a store version (default: the latest) at `dim` (default: full)."""
     store = Store(run_dir)
     stored = store.open(version) if version else store.latest()
-    path = index_root(run_dir, stored.name) / folder_name(dim or stored.dim, stored.dim)
+    path = RunDir(run_dir).index(stored.name) / folder_name(dim or stored.dim, stored.dim)
     if not path.is_dir():
         flag = " --per-dim" if dim and dim != stored.dim else ""
         raise UserError(f"no saved index at {path}: run `moon index --version {stored.name}{flag}`")

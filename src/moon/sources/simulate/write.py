@@ -22,10 +22,10 @@ import pyarrow.compute as pc
 
 from moon import ui
 from moon.config import MoonConfig, WorldConfig
-from moon.data import schema
-from moon.data.tables import TableWriter, has_table, read_manifest, read_table
-from moon.data.world import behaviour, market
-from moon.data.world.catalog import (
+from moon.io import schema
+from moon.io.tables import TableWriter, has_table, read_manifest, read_table
+from moon.sources.simulate import behaviour, market
+from moon.sources.simulate.catalog import (
     COLOUR_NAMES,
     Catalog,
     build_catalog,
@@ -33,7 +33,7 @@ from moon.data.world.catalog import (
     items_table,
     unix_seconds,
 )
-from moon.data.world.render import PATTERNS
+from moon.sources.simulate.render import PATTERNS
 from moon.errors import UserError
 
 SECTIONS = ("world", "behaviour")  # the config sections whose change makes a new world

@@ -38,21 +38,21 @@ import pyarrow.compute as pc
 
 from moon import ui
 from moon.config import MoonConfig, PairsConfig
-from moon.data import schema
-from moon.data.accounting import Accounting, Step
-from moon.data.baseline import BaselineEmbedder
-from moon.data.duplicates import near_duplicate_groups
-from moon.data.entities import Gazetteer
-from moon.data.summary import leaf_categories
-from moon.data.tables import TableWriter, dataset, read_manifest, read_table
+from moon.io import schema
+from moon.pairs.accounting import Accounting, Step
+from moon.baseline.embedder import BaselineEmbedder
+from moon.pairs.duplicates import near_duplicate_groups
+from moon.pairs.entities import Gazetteer
+from moon.sources.summary import leaf_categories
+from moon.io.tables import TableWriter, dataset, read_manifest, read_table
 from moon.errors import UserError
+from moon.run import RunDir
+from moon.views import SERVED_VIEW
 
 SECTIONS = ("world", "behaviour", "ingest", "pairs")  # the pairs, and what made the log they read
 OUTPUTS = ("pairs_stage1", "pairs_stage2", "eval_image_search", "near_duplicates")
-STATS_FILE = "pairs_stats.json"
 ACTION_RANK = {"click": 1, "cart": 2, "purchase": 3}
 ITEM_QUERY_VIEWS = ("title+image", "richer-text+image")  # views an item-as-query pair may take
-STAGE2_VIEW = "richer-text+image"
 MS_PER_DAY = 86_400_000
 READAHEAD = {"batch_readahead": 2, "fragment_readahead": 1}  # bounds memory: photo batches are large
 
@@ -86,7 +86,7 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
     _write(run_dir, "eval_image_search", evaluation, common, queries=evaluation.num_rows)
     clock.lap("evaluation set")
     accounting.totals["seconds"] = clock.laps
-    accounting.write(run_dir / STATS_FILE)
+    accounting.write(RunDir(run_dir).pairs_stats)
     return accounting
 
 
@@ -127,7 +127,7 @@ def _write_pairs(run_dir: Path, name: str, parts: Iterable[pa.Table], common: di
 
 def print_report(run_dir: Path) -> None:
     """The accounting table of the last `moon pairs` in run_dir."""
-    stats = json.loads((Path(run_dir) / STATS_FILE).read_text())
+    stats = json.loads(RunDir(run_dir).pairs_stats.read_text())
     rows = [Accounting.row(Step(**step)) for step in stats["steps"]]
     ui.print_table(f"post-training pairs in {run_dir}", rows, ("stage", "step", "in", "kept", "dropped: reason"))
     duplicates = stats["totals"].get("near duplicates", {})
@@ -384,7 +384,7 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
     purchases = with_photos(purchases, photos)
     codes = catalogue.codes(purchases["item_id"])
     purchases = purchases.append_column("pos_spu_id", pa.array(catalogue.spu[codes].tolist(), pa.string()))
-    item_vectors = embedder.encode_items(items, STAGE2_VIEW)
+    item_vectors = embedder.encode_items(items, SERVED_VIEW)
     # Every purchase's query is embedded once; the steps below look rows up by `query_row`.
     query_vecs = query_vectors(purchases, embedder)
     purchases = purchases.append_column("query_row", pa.array(np.arange(purchases.num_rows)))
@@ -409,7 +409,7 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
     accounting.record("stage 2", "hard negatives", purchases.num_rows, purchases.num_rows)
     by_view = {"text": pc.invert(purchases["image_query"]), "image": purchases["image_query"]}
     return pa.concat_tables(
-        _as_pairs(purchases.filter(mask), f"{view}->{STAGE2_VIEW}", settings) for view, mask in by_view.items()
+        _as_pairs(purchases.filter(mask), f"{view}->{SERVED_VIEW}", settings) for view, mask in by_view.items()
     )
 
 

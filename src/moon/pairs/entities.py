@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from moon.data.world import vocab
+from moon.sources.simulate import vocab
 
 # Entity types, highest priority first: a phrase listed under several types takes the first.
 KINDS = ("gender", "colour", "material", "category", "brand", "attribute")

@@ -9,7 +9,6 @@ real catalogue, measuring each item's visual style from its real image.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,8 +18,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from moon import ui
-from moon.data.world import vocab
-from moon.data.world.catalog import (
+from moon.sources.simulate import vocab
+from moon.sources.simulate.catalog import (
     COLOUR_NAMES,
     SECONDS_PER_DAY,
     Catalog,
@@ -28,7 +27,8 @@ from moon.data.world.catalog import (
     look,
     unix_seconds,
 )
-from moon.data.world.render import draw_item
+from moon.sources.simulate.render import draw_item
+from moon.io.images import decode
 
 SEARCHABLE_ATTRIBUTES = ("material", "usage", "season", "occasion", "finish")  # first present is used
 
@@ -120,7 +120,7 @@ def from_items(items: pa.Table, new_item_share: float, start_date, days: int, se
         brand_words=brand_names,
         attr_words=attr_names,
         gender_words=[[name] for name in gender_names],
-        image=lambda i: Image.open(io.BytesIO(images[i].as_py())).convert("RGB"),
+        image=lambda i: decode(images[i].as_py()),
     )
 
 
@@ -165,15 +165,14 @@ def measure_styles(images: pa.ChunkedArray, side: int = 32) -> np.ndarray:
     features = np.zeros((len(images), 4), dtype=np.float32)
     with ui.progress("measure image styles", len(images), unit="images") as advance:
         for i, data in enumerate(images):
-            features[i] = _style_features(Image.open(io.BytesIO(data.as_py())), side)
+            features[i] = _style_features(decode(data.as_py(), draft=(side, side)), side)
             advance()
     z = (features - features.mean(0)) / (features.std(0) + 1e-6)
     return np.tanh(z / 1.5).astype(np.float32)
 
 
 def _style_features(image: Image.Image, side: int) -> np.ndarray:
-    image.draft("RGB", (side, side))  # JPEG: decode at reduced scale, much faster
-    small = image.convert("RGB").resize((side, side))
+    small = image.resize((side, side))
     rgb = np.asarray(small, dtype=np.float32) / 255
     hsv = np.asarray(small.convert("HSV"), dtype=np.float32) / 255
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from moon.config import BehaviourConfig, WorldConfig
-from moon.data import schema
-from moon.data.world import vocab
-from moon.data.world.render import MARKS, PATTERNS, Look, draw_item, encode_png
+from moon.io import schema
+from moon.sources.simulate import vocab
+from moon.sources.simulate.render import MARKS, PATTERNS, Look, draw_item, encode_png
 
 COLOUR_NAMES = list(vocab.COLOURS)
 STYLE_DIMS = 4  # roundness, boldness, tone, ornament (see render.Look.style)

@@ -2,14 +2,17 @@
 
 A table is a folder `<run_dir>/<name>/` of Parquet shards `part-NNNNN.parquet` plus a
 `manifest.json` saying what made it. Writers fill a hidden temporary folder and rename
-it into place on `commit()`, so a reader never sees half a table, and a killed writer
-leaves only a temporary folder that the next run removes.
+it into place on `commit()` (`moon.io.atomic`), so a reader never sees half a table, and a
+killed writer leaves only a temporary folder that the next run removes.
+
+A table that a user brought in (an ingested catalogue or log; its manifest says
+`simulated: false`) is never replaced by a stage that makes the table some other way:
+`refuse_to_replace` stops such a stage before it writes anything.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,8 +22,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from moon.errors import UserError
-
-MANIFEST = "manifest.json"
+from moon.io.atomic import swap_into_place, temporary_dir
+from moon.run import MANIFEST, RunDir
 
 
 def utc_now() -> str:
@@ -31,15 +34,12 @@ class TableWriter:
     """Streams record batches into shards of a new table version; nothing is visible until commit()."""
 
     def __init__(self, run_dir: Path, name: str, schema: pa.Schema, compression: str = "zstd"):
-        self.final = Path(run_dir) / name
-        self.tmp = Path(run_dir) / f".{name}.tmp-{os.getpid()}"
+        self.final = RunDir(run_dir).table(name)
+        self.tmp = temporary_dir(self.final)
         self.schema = schema
         self.compression = compression
         self.rows = 0
         self.shards = 0
-        for stale in Path(run_dir).glob(f".{name}.tmp-*"):  # left by a killed writer
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
 
     def write(self, data: pa.Table | pa.RecordBatch | dict) -> None:
         """Writes one shard. `data` is cast to the table's schema (a dict is columns by name)."""
@@ -61,12 +61,7 @@ class TableWriter:
         info = {"table": self.final.name, "rows": self.rows, "shards": self.shards, "created_at": utc_now()}
         info.update(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-        if self.final.exists():
-            self.final.rename(old)
-        self.tmp.rename(self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return swap_into_place(self.tmp, self.final)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -79,26 +74,8 @@ class TableWriter:
             self.abort()  # an exception, or the caller never committed
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Writes a single text file (a manifest, a report) under a temporary name, then renames it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
-    """Writes a single-file table (e.g. rejects.parquet) under a temporary name, then renames it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
-
-
 def table_path(run_dir: Path, name: str) -> Path:
-    path = Path(run_dir) / name
+    path = RunDir(run_dir).table(name)
     if not (path / MANIFEST).exists():
         raise UserError(f"no '{name}' table in {run_dir}: run the stage that makes it first (see `moon --help`)")
     return path
@@ -118,4 +95,20 @@ def read_manifest(run_dir: Path, name: str) -> dict:
 
 
 def has_table(run_dir: Path, name: str) -> bool:
-    return (Path(run_dir) / name / MANIFEST).exists()
+    return RunDir(run_dir).has_table(name)
+
+
+def brought_in(run_dir: Path, name: str) -> bool:
+    """Whether the table holds data a user brought in (an ingested catalogue or log)."""
+    return has_table(run_dir, name) and read_manifest(run_dir, name).get("simulated") is False
+
+
+def refuse_to_replace(run_dir: Path, name: str, stage: str, instead: str) -> None:
+    """Stops `stage` before it replaces a table a user brought in, saying what is there and what to do."""
+    if not brought_in(run_dir, name):
+        return
+    manifest = read_manifest(run_dir, name)
+    origin = manifest.get("ingest", {}).get("source") or manifest.get("catalog") or manifest.get("source")
+    made = f"made by `moon {manifest.get('stage', 'ingest')}`" + (f" from {origin}" if origin else "")
+    raise UserError(f"{RunDir(run_dir).table(name)} holds {manifest.get('rows', 0):,} rows a user brought in "
+                    f"({made}); `moon {stage}` would replace them: {instead}")

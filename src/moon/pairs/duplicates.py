@@ -20,7 +20,6 @@ The groups are the connected components of the union of both relations.
 
 from __future__ import annotations
 
-import io
 import itertools
 from dataclasses import dataclass
 
@@ -33,8 +32,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from moon import ui
-from moon.data import schema
-from moon.data.entities import words
+from moon.io import schema
+from moon.pairs.entities import words
+from moon.io.images import decode
 
 HASH_BITS = 64
 PHASH_SIDE = 32  # imagehash.phash scales every image to 32x32 grey pixels
@@ -98,11 +98,9 @@ def _decode(data: bytes | None) -> Image.Image | None:
     if not data:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            # A JPEG decodes at the smallest scale that still covers the hash's 32x32
-            # grid: much less work than a full decode of a large photo.
-            image.draft("RGB", (PHASH_SIDE, PHASH_SIDE))
-            return image.convert("RGB")
+        # A JPEG decodes at the smallest scale that still covers the hash's 32x32
+        # grid: much less work than a full decode of a large photo.
+        return decode(data, draft=(PHASH_SIDE, PHASH_SIDE))
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
 

@@ -31,9 +31,11 @@ import pyarrow.parquet as pq
 
 from moon import ui
 from moon.config import ColumnMap, IngestConfig, MoonConfig
-from moon.data.images import ImageError, check_image, pixel_limit
-from moon.data.schema import ITEMS, REJECT_REASONS, REJECTS
-from moon.data.tables import TableWriter, write_parquet_atomic
+from moon.io.images import ImageError, check_image, pixel_limit
+from moon.io.schema import ITEMS, REJECT_REASONS, REJECTS
+from moon.io.atomic import atomic_parquet
+from moon.io.tables import TableWriter
+from moon.run import RunDir
 from moon.errors import UserError
 
 # Column layouts recognised without configuration, tried in order. A layout matches when its
@@ -127,11 +129,11 @@ def ingest(source: Path, config: MoonConfig, run_dir: Path, fmt: str | None = No
     src = open_source(Path(source), fmt or settings.format, settings)
     layout, columns = resolve_columns(settings.columns, src)
     builder = ItemBuilder(columns, settings, src.image_root, image_column=columns.image in src.columns)
-    rejects_path = Path(run_dir) / "rejects.parquet"
+    rejects_path = RunDir(run_dir).rejects
     with TableWriter(run_dir, "items", ITEMS) as writer, pixel_limit(settings.max_image_pixels):
         rejects = _write_items(read_records(src, columns), builder, writer, src.total_rows, settings.shard_rows)
         # Rejects first: whoever sees the new items table also sees its rejects.
-        write_parquet_atomic(pa.Table.from_pylist(rejects, schema=REJECTS), rejects_path)
+        atomic_parquet(pa.Table.from_pylist(rejects, schema=REJECTS), rejects_path)
         if writer.rows == 0:
             raise _nothing_kept(src, rejects, rejects_path)
         by_reason = Counter(reject["reason"] for reject in rejects)

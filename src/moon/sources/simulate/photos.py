@@ -21,12 +21,6 @@ PRODUCT_SCALE = (0.8, 1.1)  # the product's longer side, as a share of the photo
 SKIN = ((224, 172, 140), (198, 134, 98), (141, 85, 56), (240, 200, 175))  # thumbs over the product
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An encoded image (a photo, a catalogue image) as RGB."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
 def user_photo(image: Image.Image, rng: np.random.Generator, size: int) -> bytes:
     """JPEG bytes of a size x size photo a shopper could take of the product in `image`."""
     product = _cut_out(_shrink(image.convert("RGB"), WORK_SIDE * size))

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from moon import ui
-from moon.data.schema import ACTIONS
-from moon.data.tables import has_table, read_manifest, read_table
+from moon.io.schema import ACTIONS
+from moon.io.tables import has_table, read_manifest, read_table
 
 
 def summarize(run_dir: Path) -> list[tuple[str, object]]:
