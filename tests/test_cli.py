@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from conftest import TINY_MODEL, TINY_WORLD, shared_data
+from test_ingest import good_rows, write_catalogue
 from moon.io.tables import read_manifest, read_table
 
 SHORT_TRAINING = ["pretrain.steps=2", "pretrain.batch_size=8", "posttrain.stage1.steps=2",
@@ -97,3 +98,28 @@ def test_ingest_then_simulate_over_the_real_kaggle_sample(tmp_path):
     assert again.returncode == 0, again.stderr
     assert read_manifest(run_dir, "items")["simulated_columns"] == ["created_at"]
     assert json.loads((run_dir / "events" / "manifest.json").read_text())["period_start"] == "2026-06-01"
+
+
+def test_a_stage_never_replaces_an_ingested_catalogue(tmp_path):
+    """Ingest, simulate behaviour over it, then a demo whose config forgot behaviour.catalog:
+    the demo stops with exit 2 and one line, and the ingested catalogue is intact."""
+    source = write_catalogue(tmp_path, good_rows())
+    run_dir = tmp_path / "x"
+    assert moon("ingest", str(source), "--run-dir", str(run_dir), "--quiet", "ingest.image_dir=images").returncode == 0
+    ingested = read_table(run_dir, "items")
+    for args in (("demo", "--run-dir", str(run_dir), *TINY_WORLD),
+                 ("demo", "--fresh", "--run-dir", str(run_dir), *TINY_WORLD),
+                 ("simulate", "--run-dir", str(run_dir), *TINY_WORLD),
+                 ("simulate", "--catalog", str(tmp_path / "elsewhere"), "--run-dir", str(run_dir))):
+        result = moon(*args, "--quiet")
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert f"{run_dir / 'items'} holds 2 rows a user brought in (made by `moon ingest` from {source})" in result.stderr
+        assert "behaviour.catalog" in result.stderr and "--replace-ingested" in result.stderr
+        assert read_table(run_dir, "items").equals(ingested)
+        assert read_manifest(run_dir, "items")["stage"] == "ingest"
+        assert not (run_dir / "events").exists()
+    # said explicitly, a simulated world replaces it
+    replaced = moon("simulate", "--replace-ingested", "--run-dir", str(run_dir), "--quiet", *TINY_WORLD)
+    assert replaced.returncode == 0, replaced.stderr
+    assert read_table(run_dir, "items").num_rows == 240 and read_manifest(run_dir, "items")["simulated"] is True

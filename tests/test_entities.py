@@ -13,7 +13,7 @@ from moon.config import load_config
 from moon.io import schema
 from moon.pairs.entities import Gazetteer
 from moon.sources.catalogue import ingest
-from moon.io.tables import read_table
+from moon.io.tables import read_manifest, read_table
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,9 @@ def real(real_items):
             "Puma Men Blue Sports Shoes",
             [("brand", "Puma"), ("gender", "Men"), ("colour", "Blue"), ("category", "Sports Shoes")],
         ),
-        (
+        (  # the catalogue's article type is "Tshirts": of "T-shirt" it knows the "shirt"
             "United Colors of Benetton Women Red T-shirt",
-            [("brand", "United Colors of Benetton"), ("gender", "Women"), ("colour", "Red"), ("category", "T-shirt")],
+            [("brand", "United Colors of Benetton"), ("gender", "Women"), ("colour", "Red"), ("category", "shirt")],
         ),
         (
             "Fastrack Men Analogue Grey Watches",
@@ -87,7 +87,7 @@ def test_count_agrees_with_entities_on_every_real_title(real_items, real):
 
 def test_simulated_titles_name_brand_colour_material_and_category(tiny_world):
     items = read_table(tiny_world, "items")
-    gazetteer = Gazetteer.from_items(items)
+    gazetteer = Gazetteer.from_items(items, read_manifest(tiny_world, "items")["lexicon"])
     found = {"brand": 0, "colour": 0, "material": 0, "category": 0}
     for title, attributes in zip(items["title"].to_pylist(), items["attributes"].to_pylist()):
         attributes = dict(attributes)
@@ -102,6 +102,16 @@ def test_simulated_titles_name_brand_colour_material_and_category(tiny_world):
         found["category"] += any(kind == "category" for kind, _ in entities)
     assert found["brand"] >= 0.8 * items.num_rows
     assert min(found.values()) > 0.3 * items.num_rows
+
+
+def test_the_words_of_a_simulated_world_come_only_from_its_own_lexicon(tiny_world):
+    items = read_table(tiny_world, "items")
+    text = "tangerine jet black"  # simulator synonyms that no catalogue field holds
+    assert Gazetteer.from_items(items).entities(text) in ([], [("colour", "black")])  # a catalogue alone
+    lexicon = read_manifest(tiny_world, "items")["lexicon"]
+    assert Gazetteer.from_items(items, lexicon).entities(text) == [("colour", "tangerine"), ("colour", "jet black")]
+    with pytest.raises(ValueError, match="lexicon entity type 'shade'"):
+        Gazetteer.from_items(items, {"shade": ["teal"]})
 
 
 def test_brand_attribute_is_used_as_given():

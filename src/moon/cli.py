@@ -58,17 +58,23 @@ def cli():
     """
 
 
+REPLACE_INGESTED = click.option(
+    "--replace-ingested", is_flag=True,
+    help="let a simulated world replace a catalogue or log ingested into the run directory (it is lost)")
+
+
 @cli.command()
 @click.option("--catalog", type=click.Path(file_okay=False), help="run directory of an ingested real catalogue to simulate behaviour over")
+@REPLACE_INGESTED
 @stage_command
-def simulate(config: MoonConfig, run_dir: Path, catalog: str | None):
+def simulate(config: MoonConfig, run_dir: Path, catalog: str | None, replace_ingested: bool):
     """Simulate an e-commerce world: catalogue, users, search sessions, clicks and purchases."""
     from moon.sources.summary import print_summary
     from moon.sources.simulate.write import simulate as run_simulation
 
     if catalog:
         config = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"catalog": catalog})})
-    counts = run_simulation(config, run_dir)
+    counts = run_simulation(config, run_dir, replace_ingested=replace_ingested)
     ui.log(f"simulated {counts['items']:,} items and {counts['events']:,} events in {counts['seconds']:.1f}s")
     print_summary(run_dir)
 
@@ -174,14 +180,16 @@ def report(config: MoonConfig, run_dir: Path):
 
 
 @cli.command()
-@click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current")
+@click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current "
+              "(an ingested catalogue or log is kept: see --replace-ingested)")
+@REPLACE_INGESTED
 @stage_command
-def demo(config: MoonConfig, run_dir: Path, fresh: bool):
+def demo(config: MoonConfig, run_dir: Path, fresh: bool, replace_ingested: bool):
     """Run the whole pipeline on the embedded simulated world and print what it made."""
     from moon import pipeline
 
     started = time.perf_counter()
-    pipeline.run(pipeline.DEMO, config, run_dir, fresh=fresh)
+    pipeline.run(pipeline.DEMO, config, run_dir, fresh=fresh, replace_ingested=replace_ingested)
     pipeline.report(pipeline.DEMO, run_dir)
     ui.log(f"demo finished in {time.perf_counter() - started:.1f}s; tables are in {run_dir}/")
 

@@ -18,6 +18,7 @@ from moon.config import MoonConfig
 from moon.pairs import build as pairs
 from moon.sources.summary import print_summary
 from moon.io.tables import has_table, read_manifest
+from moon.sources.simulate.write import OUTPUTS as SIMULATE_OUTPUTS
 from moon.sources.simulate.write import SECTIONS as SIMULATE_SECTIONS
 from moon.sources.simulate.write import simulate
 from moon.eval import retrieval
@@ -38,6 +39,7 @@ class Stage:
     outputs: tuple[str, ...]  # tables the stage writes
     report: Callable[[Path], None] | None = None  # prints what the stage made, after the demo
     current: Callable[[MoonConfig, Path], bool] | None = None  # overrides the manifest digest check
+    options: tuple[str, ...] = ()  # keyword options of `pipeline.run` the stage takes (e.g. replace_ingested)
 
     def is_current(self, config: MoonConfig, run_dir: Path) -> bool:
         if self.current is not None:
@@ -77,7 +79,7 @@ def _stage2_indexed(config: MoonConfig, run_dir: Path) -> bool:
 
 
 DEMO: list[Stage] = [
-    Stage("simulate", simulate, SIMULATE_SECTIONS, ("items", "item_truth", "users", "events"), print_summary),
+    Stage("simulate", simulate, SIMULATE_SECTIONS, SIMULATE_OUTPUTS, print_summary, options=("replace_ingested",)),
     Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report),
     Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",)),
     Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",)),
@@ -89,13 +91,15 @@ DEMO: list[Stage] = [
 ]
 
 
-def run(stages: list[Stage], config: MoonConfig, run_dir: Path, fresh: bool = False) -> None:
+def run(stages: list[Stage], config: MoonConfig, run_dir: Path, fresh: bool = False, **options) -> None:
+    """Runs each stage whose outputs are not current (every stage when `fresh`); `options`
+    (e.g. replace_ingested=True) go to the stages that take them."""
     for stage in stages:
         if not fresh and stage.is_current(config, run_dir):
             ui.log(f"[dim]{stage.name}: outputs in {run_dir} are current, skipped[/dim]")
             continue
         ui.log(f"[bold cyan]{stage.name}[/bold cyan] -> {run_dir}")
-        stage.run(config, run_dir)
+        stage.run(config, run_dir, **{key: value for key, value in options.items() if key in stage.options})
 
 
 def report(stages: list[Stage], run_dir: Path) -> None:

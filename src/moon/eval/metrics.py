@@ -12,13 +12,12 @@ Model-agnostic: everything takes numpy arrays, so any embedder's vectors are sco
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-from moon import ui
 from moon.errors import UserError
 from moon.vectors import prefix
 
@@ -35,10 +34,12 @@ class CatalogueMismatch(UserError, ValueError):
 # ---------------------------------------------------------------- search
 
 
-def exact_search(queries: np.ndarray, catalogue: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(queries: np.ndarray, catalogue: np.ndarray, k: int,
+                 advance: Callable[[int], object] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k with faiss `IndexFlatIP`: (scores, indices), both (queries, min(k, catalogue)).
 
-    Vectors are used as given (normalise first for cosine; `top_k` does). Rows are ordered by
+    Vectors are used as given (normalise first for cosine; `top_k` does). `advance(n)` reports the
+    queries searched to the caller's progress bar. Rows are ordered by
     score, highest first; equal float32 scores are ordered by catalogue index, lowest first, also
     across the k-th place (a tie there is widened until every tied candidate is seen).
     """
@@ -54,10 +55,10 @@ def exact_search(queries: np.ndarray, catalogue: np.ndarray, k: int) -> tuple[np
     index.add(c)
     scores = np.empty((q.shape[0], k), np.float32)
     indices = np.empty((q.shape[0], k), np.int64)
-    with ui.progress("exact search", total=q.shape[0], unit="queries") as advance:
-        for start in range(0, q.shape[0], QUERY_CHUNK):
-            block = slice(start, start + QUERY_CHUNK)
-            scores[block], indices[block] = _search_block(index, q[block], k)
+    for start in range(0, q.shape[0], QUERY_CHUNK):
+        block = slice(start, start + QUERY_CHUNK)
+        scores[block], indices[block] = _search_block(index, q[block], k)
+        if advance:
             advance(len(q[block]))
     return scores, indices
 

@@ -175,14 +175,16 @@ def _served_items(run_dir: Path, embedder: Embedder, views: ItemViews) -> tuple[
 def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str],
            items: np.ndarray | None = None, version: str | None = None) -> Vectors:
     view = embedder.settings.served_view
-    return Vectors(
-        photos=embedder.encode([Input(None, photo) for photo in photos]),
-        texts=embedder.encode([Input(text, None) for text in texts]),
-        items=embedder.encode(views.inputs(range(len(views)), view)) if items is None else items,
-        dims=sorted({*embedder.settings.matryoshka_dims, embedder.dim}),
-        item_view=view,
-        source=f"store version {version}" if version else Vectors.source,
-    )
+    total = len(photos) + len(texts) + (len(views) if items is None else 0)
+    with ui.progress("encode queries and catalogue", total, unit="inputs") as advance:
+        return Vectors(
+            photos=embedder.encode([Input(None, photo) for photo in photos], advance=advance),
+            texts=embedder.encode([Input(text, None) for text in texts], advance=advance),
+            items=embedder.encode(views.inputs(range(len(views)), view), advance=advance) if items is None else items,
+            dims=sorted({*embedder.settings.matryoshka_dims, embedder.dim}),
+            item_view=view,
+            source=f"store version {version}" if version else Vectors.source,
+        )
 
 
 def same_leaf_recall(query_vectors, item_vectors, relevant, leaves: np.ndarray, seed: int) -> dict:

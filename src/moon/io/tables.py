@@ -108,7 +108,8 @@ def refuse_to_replace(run_dir: Path, name: str, stage: str, instead: str) -> Non
     if not brought_in(run_dir, name):
         return
     manifest = read_manifest(run_dir, name)
-    origin = manifest.get("ingest", {}).get("source") or manifest.get("catalog") or manifest.get("source")
-    made = f"made by `moon {manifest.get('stage', 'ingest')}`" + (f" from {origin}" if origin else "")
+    made = manifest.get("ingest") or manifest  # behaviour simulated over a catalogue keeps its ingest manifest
+    origin = f" from {made['source']}" if made.get("source") else ""
     raise UserError(f"{RunDir(run_dir).table(name)} holds {manifest.get('rows', 0):,} rows a user brought in "
-                    f"({made}); `moon {stage}` would replace them: {instead}")
+                    f"(made by `moon {made.get('stage', 'ingest')}`{origin}) and `moon {stage}` would replace "
+                    f"them: {instead}")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moon import ui
 from moon.config import ModelConfig
 from moon.errors import UserError
 from moon.model.backbone import autocast, build_backbone, grid_side, merged
@@ -65,8 +63,7 @@ class Embedder(torch.nn.Module):
     def encode(self, inputs: Sequence[Input], dim: int | None = None, batch_size: int = 32,
                advance: Callable[[int], object] | None = None) -> np.ndarray:
         """Embeddings of any views, in batches, without gradients, on the model's device and in its
-        compute dtype; float32 (n, dim or full). `advance(n)` reports progress to the caller's bar
-        (by default a bar of its own is shown for large inputs)."""
+        compute dtype; float32 (n, dim or full). `advance(n)` reports progress to the caller's bar."""
         dim = dim or self.dim
         if dim not in (*self.settings.matryoshka_dims, self.dim):
             raise UserError(f"dim={dim} is not a trained Matryoshka dimension {self.settings.matryoshka_dims}")
@@ -74,13 +71,13 @@ class Embedder(torch.nn.Module):
         self.eval()
         device = next(self.parameters()).device
         out = np.empty((len(inputs), dim), dtype=np.float32)
-        bar = nullcontext(advance) if advance else _progress(len(inputs))
-        with torch.inference_mode(), autocast(self.settings, device), bar as advance:
+        with torch.inference_mode(), autocast(self.settings, device):
             for start in range(0, len(inputs), batch_size):
                 chunk = inputs[start : start + batch_size]
                 batch = {key: value.to(device) for key, value in self.collate(chunk).items()}
                 out[start : start + len(chunk)] = self.truncate(self(batch), dim).float().cpu().numpy()
-                advance(len(chunk))
+                if advance:
+                    advance(len(chunk))
         self.train(was_training)
         return out
 
@@ -113,9 +110,3 @@ def save_model_dir(path: str | Path, model, tokenizer, settings: ModelConfig) ->
     (path / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(), indent=2) + "\n")
     return path
 
-
-def _progress(total: int):
-    """A progress bar only where encoding takes a while."""
-    if total >= 2048:
-        return ui.progress("encode", total, unit="inputs")
-    return nullcontext(lambda n=1: None)

@@ -384,7 +384,8 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
     purchases = with_photos(purchases, photos)
     codes = catalogue.codes(purchases["item_id"])
     purchases = purchases.append_column("pos_spu_id", pa.array(catalogue.spu[codes].tolist(), pa.string()))
-    item_vectors = embedder.encode_items(items, SERVED_VIEW)
+    with ui.progress("describe catalogue", items.num_rows, unit="items") as advance:
+        item_vectors = embedder.encode_items(items, SERVED_VIEW, advance)
     # Every purchase's query is embedded once; the steps below look rows up by `query_row`.
     query_vecs = query_vectors(purchases, embedder)
     purchases = purchases.append_column("query_row", pa.array(np.arange(purchases.num_rows)))
@@ -393,7 +394,7 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
         ("similarity dedup", settings.dedup_similarity, lambda t: dedup_by_similarity(t, catalogue, query_vecs, item_vectors)),
         ("SPU merge", settings.spu_merge, spu_merge),
         ("category alignment", settings.category_alignment, lambda t: align_categories(t, catalogue, log.impressions, rng)),
-        ("NER filter", settings.ner_filter, lambda t: ner_filter(t, Gazetteer.from_items(items), items, catalogue, settings.min_entities)),
+        ("NER filter", settings.ner_filter, lambda t: ner_filter(t, gazetteer(run_dir, items), items, catalogue, settings.min_entities)),
     ]
     if not settings.spu_merge:  # each SKU is its own target
         purchases = purchases.set_column(purchases.schema.get_field_index("pos_spu_id"), "pos_spu_id", purchases["item_id"])
@@ -458,6 +459,11 @@ def align_categories(table: pa.Table, catalogue: Catalogue, impressions: np.ndar
         keep.append(rows if len(rows) <= target else rng.choice(rows, target, replace=False))
     kept = np.sort(np.concatenate(keep)) if keep else np.array([], np.int64)
     return table.take(kept), {"leaf over-exposed vs impressions": table.num_rows - len(kept)}
+
+
+def gazetteer(run_dir: Path, items: pa.Table) -> Gazetteer:
+    """The catalogue's dictionary, with the words its source recorded (the simulator's synonyms)."""
+    return Gazetteer.from_items(items, read_manifest(run_dir, "items").get("lexicon"))
 
 
 def ner_filter(table: pa.Table, gazetteer: Gazetteer, items: pa.Table, catalogue: Catalogue, min_entities: int):

@@ -1,8 +1,10 @@
 """A gazetteer named-entity recogniser for product titles and search queries.
 
 The dictionary comes from the catalogue itself: brands, colours, materials and other
-attribute values, every level of the category paths, plus gender words and the simulated
-world's colour and product-noun synonyms. An Aho-Corasick automaton (pyahocorasick) finds
+attribute values, every level of the category paths, plus gender and material words, and
+the lexicon the catalogue's source recorded in the items manifest (`lexicon`: entity type
+-> phrases; the simulator records its colour and product-noun synonyms there, a real
+catalogue records none). An Aho-Corasick automaton (pyahocorasick) finds
 every dictionary phrase in a text at once; overlapping hits are resolved leftmost-longest.
 
 Texts and phrases are normalised the same way: lower case, every run of characters other
@@ -23,8 +25,6 @@ import ahocorasick
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from moon.sources.simulate import vocab
 
 # Entity types, highest priority first: a phrase listed under several types takes the first.
 KINDS = ("gender", "colour", "material", "category", "brand", "attribute")
@@ -92,14 +92,18 @@ class Gazetteer:
             self._automaton.make_automaton()
 
     @classmethod
-    def from_items(cls, items: pa.Table) -> Gazetteer:
-        """Builds the dictionary from a catalogue in the ITEMS schema.
+    def from_items(cls, items: pa.Table, lexicon: Mapping[str, Iterable[str]] | None = None) -> Gazetteer:
+        """Builds the dictionary from a catalogue in the ITEMS schema and its source's `lexicon`.
 
         Without a "brand" attribute, brands are learned from the titles: the words that
         lead a title before its first gender word or first other entity ("Puma" in
         "Puma Men Blue Sports Shoes"), kept when they lead the titles of several items.
         """
         phrases = _catalogue_phrases(items)
+        for kind, words in (lexicon or {}).items():
+            if kind not in KINDS:
+                raise ValueError(f"lexicon entity type {kind!r} is not one of {', '.join(KINDS)}")
+            phrases[kind].update(words)
         if not phrases["brand"]:
             phrases["brand"] = learn_brands(cls(phrases), items["title"].to_pylist())
         return cls(phrases)
@@ -225,12 +229,6 @@ def _catalogue_phrases(items: pa.Table) -> dict[str, set[str]]:
     phrases: dict[str, set[str]] = defaultdict(set)
     phrases["gender"].update(GENDER_WORDS)
     phrases["material"].update(MATERIAL_WORDS)
-    for colour, (_, synonyms) in vocab.COLOURS.items():
-        phrases["colour"].update([colour, *synonyms])
-    for groups in vocab.CATEGORY_TREE.values():
-        for leaves in groups.values():
-            for _, synonyms in leaves.values():
-                phrases["category"].update(synonyms)
     levels = pc.unique(pc.list_flatten(items["category"])).to_pylist()
     phrases["category"].update(level for level in levels if level)
     if "attributes" in items.column_names:

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +42,8 @@ import numpy as np
 
 from moon import ui
 from moon.errors import UserError
+from moon.io.atomic import atomic_dir
+from moon.vectors import prefix
 
 Kind = Literal["auto", "exact", "hnsw", "ivfpq"]
 KINDS = ("exact", "hnsw", "ivfpq")
@@ -201,22 +201,10 @@ class VectorIndex:
         final = Path(directory)
         if final.exists() and not (final / META_FILE).is_file() and (not final.is_dir() or any(final.iterdir())):
             raise VectorIndexError(f"{final} exists and is not a saved vector index; save to a new or empty folder")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        old = tmp.with_name(f"{tmp.name}.old")
-        try:
+        with atomic_dir(final) as tmp:
             faiss.write_index(self._index, str(tmp / FAISS_FILE))
             np.save(tmp / IDS_FILE, self.ids, allow_pickle=False)
             (tmp / META_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-        except BaseException:
-            if old.exists() and not final.exists():
-                old.rename(final)  # the previous index stays where it was
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
         return final
 
     def describe(self) -> dict:
@@ -368,8 +356,7 @@ def _unit(vectors, name: str, dim: int | None = None) -> np.ndarray:
     if zero.size:
         raise VectorIndexError(f"{zero.size} row(s) of {name} are all zeros (first: row {zero[0]}), so they have no "
                                "direction to compare; re-embed those items or leave them out")
-    x /= norms[:, None]
-    return x
+    return prefix(x)
 
 
 def _as_ids(ids, count: int) -> np.ndarray:

@@ -243,3 +243,13 @@ REGIONS = [
     "valley", "lakes", "plains", "delta", "desert", "forest", "harbour", "ridge", "bay",
     "steppe", "fjord", "mesa", "canyon", "prairie", "tundra", "savanna", "oasis",
 ]
+
+
+def lexicon() -> dict[str, list[str]]:
+    """The world's words that a catalogue's fields do not show: every colour with its synonyms
+    and every leaf's product-noun synonyms, by entity type. The simulator records it in the
+    items manifest, so that named-entity recognition knows the words its queries use."""
+    colours = sorted({word for colour, (_, synonyms) in COLOURS.items() for word in (colour, *synonyms)})
+    nouns = sorted({word for groups in CATEGORY_TREE.values() for leaves in groups.values()
+                    for _, synonyms in leaves.values() for word in synonyms})
+    return {"colour": colours, "category": nouns}

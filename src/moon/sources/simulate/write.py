@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 from moon import ui
 from moon.config import MoonConfig, WorldConfig
 from moon.io import schema
-from moon.io.tables import TableWriter, has_table, read_manifest, read_table
-from moon.sources.simulate import behaviour, market
+from moon.io.tables import TableWriter, has_table, read_manifest, read_table, refuse_to_replace
+from moon.sources.simulate import behaviour, market, vocab
 from moon.sources.simulate.catalog import (
     COLOUR_NAMES,
     Catalog,
@@ -37,10 +37,18 @@ from moon.sources.simulate.render import PATTERNS
 from moon.errors import UserError
 
 SECTIONS = ("world", "behaviour")  # the config sections whose change makes a new world
+OUTPUTS = ("items", "item_truth", "users", "events")
 
 
-def simulate(config: MoonConfig, run_dir: Path) -> dict:
-    """Simulates into run_dir and returns the counts and seconds of each part."""
+def simulate(config: MoonConfig, run_dir: Path, replace_ingested: bool = False) -> dict:
+    """Simulates into run_dir and returns the counts and seconds of each part.
+
+    A table a user brought in (an ingested catalogue or log) is never replaced unless
+    `replace_ingested` says so: the ingested catalogue of this very run directory is kept
+    when behaviour is simulated over it (`behaviour.catalog` naming the run directory).
+    """
+    if not replace_ingested:
+        refuse_to_replace_ingested(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     common = {"stage": "simulate", "config_digest": config.digest(*SECTIONS), "seed": config.seed}
@@ -60,6 +68,16 @@ def simulate(config: MoonConfig, run_dir: Path) -> dict:
     return {"items": len(shop), "events": events, "users": len(users), "items_seconds": items_seconds, "seconds": seconds}
 
 
+def refuse_to_replace_ingested(config: MoonConfig, run_dir: Path) -> None:
+    catalog = config.behaviour.catalog
+    over_itself = catalog is not None and Path(catalog).resolve() == Path(run_dir).resolve()
+    instead = (f"set behaviour.catalog={run_dir} (`moon simulate --catalog {run_dir}`) to simulate behaviour "
+               "over that catalogue, or use another --run-dir; --replace-ingested discards it")
+    for table in OUTPUTS:
+        if not (table == "items" and over_itself):  # simulating over it keeps every real column
+            refuse_to_replace(run_dir, table, "simulate", instead)
+
+
 def _drawn_world(config: MoonConfig, run_dir: Path, common: dict) -> market.Market:
     world = config.world
     catalog = build_catalog(world, config.behaviour, config.seed)
@@ -67,7 +85,7 @@ def _drawn_world(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
         for chunk in _drawn_chunks(catalog, world):
             writer.write(chunk)
             advance(chunk.num_rows)
-        writer.commit(**common, simulated=True, simulated_columns="all")
+        writer.commit(**common, simulated=True, simulated_columns="all", lexicon=vocab.lexicon())
     with TableWriter(run_dir, "item_truth", schema.ITEM_TRUTH) as writer:
         writer.write(_world_truth(catalog))
         writer.commit(**common, simulated=True)
