@@ -117,3 +117,31 @@ def test_override_fills_a_section_the_file_left_null(tmp_path):
 def test_overriding_one_task_share_keeps_the_others():
     mix = load_config(None, ["pairs.mix.text->image=0.9"]).pairs.mix
     assert mix["text->image"] == 0.9 and mix["text->richer-text+image"] == 0.5 and len(mix) == 9
+
+
+def test_schema_defaults_are_neutral_and_the_demo_carries_its_tuned_values():
+    neutral = MoonConfig().posttrain
+    demo = load_config().posttrain
+    for stage in (neutral.stage1, neutral.stage2):
+        assert stage.catalogue_pairs == 0 and stage.distill_weight == 0 and stage.hard_negatives == 0
+    assert demo.stage1.catalogue_pairs == demo.stage2.catalogue_pairs == 0.8
+    assert demo.stage1.steps == 1500 and demo.stage2.lr == 3e-5 and demo.stage2.hard_negatives == 0.5
+    assert load_config(default_config_path().with_name("qwen2vl-2b.yaml")).posttrain.stage1.catalogue_pairs == 0
+
+
+def test_a_config_starts_from_its_base(tmp_path):
+    (tmp_path / "parent.yaml").write_text("name: parent\nworld:\n  items: 700\n  brands: 9\nposttrain:\n  stage1:\n    steps: 5\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nworld:\n  items: 300\n")
+    child = load_config(tmp_path / "child.yaml", ["posttrain.stage1.lr=0.01"])
+    assert child.name == "child"  # its own file's name, never the base's
+    assert (child.world.items, child.world.brands) == (300, 9)
+    assert (child.posttrain.stage1.steps, child.posttrain.stage1.lr) == (5, 0.01)
+    embedded = tmp_path / "embedded.yaml"
+    embedded.write_text("base: demo.yaml\nname: mine\n")  # a shipped config by name
+    assert load_config(embedded).posttrain.stage1.steps == 1500
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(UserError, match="in a loop"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="nowhere.yaml not found"):
+        load_config(tmp_path / "orphan.yaml")

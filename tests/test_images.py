@@ -1,4 +1,4 @@
-"""Drawn catalogue images (world.render) and shoppers' photos of them (world.photos)."""
+"""Drawn catalogue images (simulate.render), shoppers' photos of them (simulate.photos), and the one image decoder."""
 
 import colorsys
 import io
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import TINY_MODEL
 from moon.io.images import decode as decode_image
 from moon.sources.simulate.photos import _occlude, user_photo
 from moon.sources.simulate.render import (
@@ -220,3 +221,56 @@ def test_occlusion_covers_at_most_a_quarter_of_the_product():
         covered.append(float(cover[alpha > 0].mean()))
     assert max(covered) <= 0.25
     assert np.mean(np.array(covered) > 0.03) > 0.5  # most photos have something in the way
+
+
+# ---- one decoder: transparency and EXIF orientation, the same for every stage
+
+
+def _encoded(image, fmt, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _cut_out_product() -> tuple[bytes, bytes]:
+    """A red disc on a transparent background whose hidden colour is black, and the same on white."""
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).ellipse((16, 16, 48, 48), fill=(200, 30, 40, 255))
+    on_white = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(on_white).ellipse((16, 16, 48, 48), fill=(200, 30, 40))
+    return _encoded(rgba, "PNG"), _encoded(on_white, "PNG")
+
+
+def test_a_transparent_png_is_seen_on_white_by_every_stage():
+    from moon.baseline.descriptor import image_descriptors
+    from moon.io.images import decode
+    from moon.config import load_config
+    from moon.model.embedder import Embedder
+    from moon.train.augment import augment
+
+    transparent, on_white = _cut_out_product()
+    assert decode(transparent).getpixel((0, 0)) == (255, 255, 255)
+    np.testing.assert_array_equal(np.asarray(decode(transparent)), np.asarray(decode(on_white)))
+    np.testing.assert_array_equal(image_descriptors([transparent]), image_descriptors([on_white]))  # baseline, distillation
+    embedder = Embedder.create(load_config(None, TINY_MODEL).model, ["a red disc"], seed=0)
+    inputs = [embedder.collate.patchify([image])[0] for image in (transparent, on_white)]  # the embedder's pixels
+    np.testing.assert_array_equal(*inputs)
+    seen = [np.asarray(augment(image, np.random.default_rng(3), 48)) for image in (transparent, on_white)]
+    np.testing.assert_array_equal(*seen)  # augmentation
+
+
+def test_a_jpeg_stored_sideways_is_seen_upright():
+    from moon.baseline.descriptor import image_descriptors
+    from moon.io.images import decode
+
+    upright = Image.new("RGB", (64, 32), (200, 30, 40))
+    ImageDraw.Draw(upright).rectangle((32, 0, 63, 31), fill=(30, 60, 200))  # red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    sideways = _encoded(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, exif=exif.tobytes())
+    seen = decode(sideways)
+    assert seen.size == (64, 32)
+    left, right = np.asarray(seen)[16, 8].astype(int), np.asarray(seen)[16, 56].astype(int)
+    assert left[0] > 150 > left[2] and right[2] > 150 > right[0]
+    plain = _encoded(upright, "JPEG", quality=95)
+    np.testing.assert_allclose(image_descriptors([sideways]), image_descriptors([plain]), atol=0.05)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, TINY_WORLD, free_port
+from conftest import TINY_MODEL, TINY_WORLD, free_port, publish_untrained
 from moon.config import load_config
 from moon.pairs.build import build_pairs
 from moon.io.tables import read_table
@@ -201,6 +201,25 @@ def test_catalogue_products_are_restaged_onto_shoppers_photos():
     noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8))
     assert cut_out(noisy) is None  # no plain background to cut along: augmented as it is
     assert augment(noisy, np.random.default_rng(0), 48, [buffer.getvalue()]).size == (48, 48)
+
+
+def test_without_spatial_negatives_one_process_trains_as_with_them(run_dir, tmp_path):
+    """On one process a rank's own pairs are the whole batch: the same losses and weights, with
+    hard negatives, the queue, GradCache chunks, distillation and the symmetric loss."""
+    publish_untrained(run_dir, "stage1", seed=0)
+    local_dir = tmp_path / "local"
+    shutil.copytree(run_dir, local_dir)
+    both = ["posttrain.stage2.distill_weight=1", "posttrain.stage2.symmetric=true"]
+    spatial = recipe.posttrain(config(*both), run_dir, stage=2)
+    local = recipe.posttrain(config(*both, "posttrain.stage2.spatial_negatives=false"), local_dir, stage=2)
+
+    logs = [[{k: v for k, v in r.items() if k != "pairs_per_s"} for r in read_log(RunDir(d).work("stage2"))]
+            for d in (run_dir, local_dir)]
+    assert len(logs[0]) == 3 and logs[1] == logs[0]
+    assert logs[0][2]["queue"] > 0 and "distill_loss" in logs[0][0]
+    weights, expected = load_file(local / "model.safetensors"), load_file(spatial / "model.safetensors")
+    for key in expected:
+        assert torch.equal(weights[key], expected[key]), key
 
 
 def test_a_killed_run_resumes_to_the_same_weights(run_dir, tmp_path, monkeypatch):

@@ -198,3 +198,18 @@ def test_embed_needs_a_model(tiny_world, tmp_path):
         embed_catalogue(config(), tmp_path)
     with pytest.raises(UserError, match="no finished representation store version"):
         embed_catalogue(config(), tmp_path, incremental=True)
+
+
+def test_a_model_embeds_as_it_was_saved_whatever_the_loading_run_says(run_dir, expected):
+    """The stage-2 model was saved bidirectional: a run configured causal still stores its bidirectional
+    vectors, and says so, because a model's attention belongs to the model, not to whoever loads it."""
+    saved = json.loads((RunDir(run_dir).model("stage2") / "moon_model.json").read_text())
+    assert saved["bidirectional"] is True
+    causal = Embedder.load(RunDir(run_dir).model("stage2"))
+    causal.backbone.language_model.config.is_causal = True  # what the same weights give under causal attention
+    inputs = ItemViews(read_table(run_dir, "items")).inputs(range(ITEMS), ITEM_VIEW)
+    assert not np.allclose(causal.encode(inputs), expected[0], atol=1e-3)  # so the test can tell them apart
+
+    version = embed_catalogue(config("model.bidirectional=false"), run_dir)
+    assert version.manifest["bidirectional"] is True
+    np.testing.assert_allclose(version.vectors(), expected[0], atol=2e-3)  # float16 storage

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from moon.config import load_config
+from moon.errors import UserError
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
+from moon.train.distill import NO_TARGET, DescriptorDistillation
 from moon.train.grad_cache import grad_cache_step
-from moon.train.losses import TaskTemperatures, info_nce, matryoshka
+from moon.train.losses import PosttrainLoss, TaskTemperatures, info_nce, matryoshka
 from moon.train.negatives import EmbeddingQueue, gather_from_ranks
 
 
@@ -56,6 +58,51 @@ def test_matryoshka_sums_the_loss_at_every_prefix():
     loss = lambda a, b: info_nce(a, b, 0.1).mean()
     expected = 1.0 * loss(F.normalize(q[:, :4], dim=-1), F.normalize(c[:, :4], dim=-1)) + 0.5 * loss(q, c)
     assert torch.isclose(matryoshka(loss, q, c, [4, 16], [1.0, 0.5]), expected)
+
+
+def test_posttrain_loss_logs_each_pair_at_the_full_dimension_in_any_dimension_order():
+    torch.manual_seed(0)
+    q, c = F.normalize(torch.randn(4, 16), dim=-1), F.normalize(torch.randn(6, 16), dim=-1)
+    tasks = ["a", "b", "a", "b"]
+    same = torch.eye(4, 6, dtype=torch.bool)
+    same[0, 5] = True  # candidate 5 is the same product as query 0's positive
+    pair_weights = torch.tensor([1.0, 2.0, 1.0, 0.5])
+    weights = pair_weights * torch.tensor([1.0, 3.0, 1.0, 3.0])  # task b weighs 3
+    temperatures = TaskTemperatures(["a", "b"], initial=0.1)
+
+    def at(dim):
+        return info_nce(F.normalize(q[:, :dim], dim=-1), F.normalize(c[:, :dim], dim=-1), temperatures(tasks), same)
+
+    full, prefix = at(16), at(4)
+    expected = 0.5 * (full * weights).sum() / weights.sum() + 2.0 * (prefix * weights).sum() / weights.sum()
+    assert not torch.allclose(full, prefix)
+    for dims, dim_weights in (([4, 16], [2.0, 0.5]), ([16, 4], [0.5, 2.0])):
+        loss = PosttrainLoss(temperatures, dims, dim_weights, {"b": 3.0})
+        value, parts = loss(q, c, c[:4], tasks, pair_weights, same)
+        torch.testing.assert_close(parts.per_pair, full)
+        torch.testing.assert_close(value, expected)
+        assert parts.total == value.detach() and parts.distill is None and value.requires_grad
+
+
+def test_posttrain_loss_adds_distillation_and_trains_its_heads():
+    torch.manual_seed(0)
+    q, c = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
+    temperatures = TaskTemperatures(["a"], initial=0.1)
+    distillation = DescriptorDistillation(F.normalize(torch.rand(5, 3), dim=-1), dim=8, temperature=0.1)
+    loss = PosttrainLoss(temperatures, [8], distillation=distillation, distill_weight=0.25)
+    targets = torch.tensor([1, NO_TARGET, 3, 4])
+    same = torch.eye(2, dtype=torch.bool)
+    value, parts = loss(q, c, c, ["a", "a"], torch.ones(2), same, targets)
+    distilled = distillation(torch.cat([q, c]), targets)
+    torch.testing.assert_close(parts.distill, distilled.detach())
+    torch.testing.assert_close(value, info_nce(q, c, 0.1, same).mean() + 0.25 * distilled)
+    assert [p is temperatures.log_temperature for p in loss.parameters()][:1] == [True]
+    assert len(list(loss.parameters())) == 1 + len(list(distillation.parameters()))
+
+
+def test_posttrain_loss_needs_one_weight_per_matryoshka_dimension():
+    with pytest.raises(UserError, match="one weight per dimension"):
+        PosttrainLoss(TaskTemperatures(["a"]), [16, 32, 64], [1.0, 0.5])
 
 
 def test_queue_keeps_the_newest_rows_and_serves_only_young_ones():

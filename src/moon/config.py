@@ -238,7 +238,12 @@ class PosttrainStage(TrainLoop):
         0, ge=0, description="hard negatives per pair, on average, drawn from the pair table and embedded without "
         "gradient (0.5: every other pair brings one); each costs an item forward pass",
     )
-    spatial_negatives: bool = Field(True, description="gather item embeddings from every rank as negatives")
+    spatial_negatives: bool = Field(
+        True, description="true: each rank's loss is the whole global batch's, its queries gathered from every rank "
+        "and the positives of every rank their in-batch negatives; false: each rank's loss is over its own pairs "
+        "only, its queries against its own positives, the ranks' gradients averaged (the log shows rank 0's loss). "
+        "Hard negatives and the queue are shared by all ranks either way; with one process both are the same",
+    )
     queue_size: int = Field(0, ge=0, description="temporal negatives: item embeddings kept from past steps; 0: none")
     queue_max_age: int = Field(8, ge=0, description="temporal negatives older than this many steps are not used")
     augment_images: bool = Field(
@@ -253,44 +258,20 @@ class PosttrainStage(TrainLoop):
         "catalogue image as the query, its own item (richer-text+image) as the positive",
     )
     distill_weight: float = Field(
-        1.0, ge=0, description="weight of the loss that teaches photos and items to name their catalogue image by "
+        0.0, ge=0, description="weight of the loss that teaches photos and items to name their catalogue image by "
         "the baseline's colour/texture descriptor (moon.train.distill); 0 for a pretrained checkpoint",
     )
     distill_temperature: float = Field(0.02, gt=0, description="softmax temperature of that loss")
-
-
-# Where the stages differ from the shared defaults; a user's keys are applied over these.
-STAGE_DEFAULTS = {
-    # Image search guides the model, and photo queries are few: most stage-1 pairs are
-    # catalogue self-pairs that teach the photo invariances.
-    "stage1": {"steps": 1500, "lr": 1e-3, "warmup_steps": 30, "catalogue_pairs": 0.8},
-    # Stage 2 continues below stage 1's final learning rate, and keeps most pairs catalogue
-    # self-pairs: on purchases alone, at 5e-4, it undid stage 1's image search (demo
-    # recall@10 0.135 -> 0.014); after an 8,000-step stage 1 it cost 0.541 -> 0.486 at 1e-4
-    # and 0.514 at 3e-5. With batches of 32, temporal negatives cost image search too
-    # (recall@10 on simulated photos 0.573 without a queue, 0.537 with 64, 0.507 with 256),
-    # so the tiny preset leaves the queue off; large batches on GPUs turn it on.
-    "stage2": {"steps": 200, "lr": 3e-5, "warmup_steps": 10, "hard_negatives": 0.5, "catalogue_pairs": 0.8},
-}
 
 
 class PosttrainConfig(Section):
     """Contrastive post-training: stage 1 on the mixed-modality pairs, stage 2 on cleaned purchases."""
 
     from_pretrained: bool = Field(True, description="start stage 1 from the pretraining checkpoint when there is one")
-    stage1: PosttrainStage = Field(
-        default_factory=lambda: PosttrainStage(**STAGE_DEFAULTS["stage1"]),
-        description="stage 1: nine tasks, in-batch negatives",
-    )
+    stage1: PosttrainStage = Field(default_factory=PosttrainStage, description="stage 1: nine tasks, in-batch negatives")
     stage2: PosttrainStage = Field(
-        default_factory=lambda: PosttrainStage(**STAGE_DEFAULTS["stage2"]),
-        description="stage 2: purchases, hard and spatial-temporal negatives",
+        default_factory=PosttrainStage, description="stage 2: purchases, hard and spatial-temporal negatives"
     )
-
-    @field_validator("stage1", "stage2", mode="before")
-    @classmethod
-    def _over_stage_defaults(cls, value, info):
-        return {**STAGE_DEFAULTS[info.field_name], **value} if isinstance(value, dict) else value
 
 
 class StoreConfig(Section):
@@ -346,8 +327,28 @@ def default_config_path() -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> MoonConfig:
-    """Loads a YAML config (default: the embedded demo.yaml) and applies `section.key=value` overrides."""
+    """Loads a YAML config (default: the embedded demo.yaml) and applies `section.key=value` overrides.
+
+    A config may start from another with `base: FILE` (a path relative to it, or the name of an
+    embedded config such as demo.yaml): its keys are applied over the base's, section by section.
+    The run's name is the config's own (`name`, else its file name), never the base's.
+    """
     path = Path(path) if path else default_config_path()
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return MoonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(f"invalid config ({path.name} + overrides): {describe_errors(exc)}") from None
+
+
+MAX_BASES = 8  # base: chains longer than this are a loop
+
+
+def _read_yaml(path: Path, depth: int = 0) -> dict:
+    """The mapping a config file holds, over the one its `base:` names."""
     if not path.is_file():
         raise UserError(f"config file {path} not found: pass an existing YAML file to -c/--config")
     try:
@@ -356,13 +357,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Mo
         raise UserError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    for override in overrides:
-        _apply_override(data, override)
-    try:
-        return MoonConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"invalid config ({path.name} + overrides): {describe_errors(exc)}") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if depth >= MAX_BASES:
+        raise UserError(f"config file {path}: `base:` files name each other in a loop")
+    beside = path.parent / str(base)
+    inherited = _read_yaml(beside if beside.is_file() else default_config_path().with_name(str(base)), depth + 1)
+    inherited.pop("name", None)
+    return _merged(inherited, data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` applied to `base`: sections merge key by key, any other value replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _apply_override(data: dict, override: str) -> None:

@@ -1,13 +1,18 @@
 """Contrastive losses of MOON's post-training: InfoNCE with false-negative masking, per-task
-temperatures, and the Matryoshka wrapper that applies a loss at every configured dimension."""
+temperatures, the Matryoshka wrapper that applies a loss at every configured dimension, and
+`PosttrainLoss`, which puts them together with the descriptor distillation into one step's loss."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from moon.errors import UserError
+from moon.train.distill import DescriptorDistillation
 
 
 def info_nce(
@@ -78,3 +83,75 @@ class TaskTemperatures(torch.nn.Module):
 
     def values(self) -> dict[str, float]:
         return {task: float(self.log_temperature[i].detach().exp()) for task, i in self.index.items()}
+
+
+@dataclass
+class LossParts:
+    """What a post-training loss is made of, detached, for the log."""
+
+    total: torch.Tensor  # the loss, unscaled
+    per_pair: torch.Tensor  # (B,) each pair's InfoNCE at the full dimension
+    distill: torch.Tensor | None  # the distillation loss, None without distillation
+
+
+class PosttrainLoss(torch.nn.Module):
+    """The loss of a post-training step: per-task-temperature InfoNCE weighted by pair and task,
+    summed over the Matryoshka dimensions, plus the weighted descriptor distillation.
+
+    `dims` are the Matryoshka dimensions in the order of `dim_weights` (null: equal weights);
+    the largest is the embeddings' full width. The temperatures and the distillation head are
+    the module's parameters: the recipe trains them beside the embedder.
+    """
+
+    def __init__(
+        self,
+        temperatures: TaskTemperatures,
+        dims: Sequence[int],
+        dim_weights: Sequence[float] | None = None,
+        task_weights: Mapping[str, float] | None = None,
+        distillation: DescriptorDistillation | None = None,
+        distill_weight: float = 0.0,
+        symmetric: bool = False,
+    ):
+        super().__init__()
+        self.dims = list(dims)
+        self.dim_weights = list(dim_weights) if dim_weights else [1.0] * len(self.dims)
+        if len(self.dim_weights) != len(self.dims):
+            raise UserError(f"matryoshka_weights needs one weight per dimension {self.dims}")
+        self.full_dim = max(self.dims)
+        self.temperatures = temperatures
+        self.distillation = distillation
+        self.task_weights = dict(task_weights or {})
+        self.distill_weight = distill_weight
+        self.symmetric = symmetric
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        candidates: torch.Tensor,
+        positives: torch.Tensor,
+        tasks: Sequence[str],
+        pair_weights: torch.Tensor,
+        false_negatives: torch.Tensor,
+        distill_targets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LossParts]:
+        """The loss and its parts. Row i of `queries` (B, d) has `candidates[i]` as its positive;
+        `positives` are the B in-batch positives (the first rows of `candidates`), distilled with
+        the queries toward `distill_targets` (2B,): each query's catalogue row, then each positive's."""
+        if queries.shape[1] != self.full_dim:
+            raise ValueError(f"embeddings of {queries.shape[1]} dimensions, expected {self.full_dim}")
+        temperature = self.temperatures(tasks)
+        weights = pair_weights * torch.tensor([self.task_weights.get(t, 1.0) for t in tasks], device=pair_weights.device)
+        value, full = 0.0, None
+        for dim, dim_weight in zip(self.dims, self.dim_weights):
+            per_pair = info_nce(F.normalize(queries[:, :dim], dim=-1), F.normalize(candidates[:, :dim], dim=-1),
+                                temperature, false_negatives, self.symmetric)
+            value = value + dim_weight * ((per_pair * weights).sum() / weights.sum())
+            if dim == self.full_dim:
+                full = per_pair.detach()
+        distilled = None
+        if self.distillation is not None:
+            distilled = self.distillation(torch.cat([queries, positives]), distill_targets)
+            value = value + self.distill_weight * distilled
+            distilled = distilled.detach()
+        return value, LossParts(value.detach(), full, distilled)

@@ -3,27 +3,31 @@
 Stage 1 trains on the nine mixed-modality tasks of `pairs_stage1` with in-batch
 negatives; stage 2 on the cleaned purchases of `pairs_stage2`, adding the pair table's
 hard negatives, spatial negatives (the positives of every rank) and temporal negatives
-(a queue of item embeddings from past steps). The loss is InfoNCE with a temperature and
-a weight per task, false negatives (same item, same SPU, same near-duplicate group)
-masked, at every Matryoshka dimension.
+(a queue of item embeddings from past steps). The loss (`PosttrainLoss`) is InfoNCE with
+a temperature and a weight per task, false negatives (same item, same SPU, same
+near-duplicate group) masked, at every Matryoshka dimension, plus the descriptor
+distillation.
 
 One step embeds the queries and positives of this rank's slice of the global batch in
 one forward pass (so DDP sees each parameter once), in GradCache chunks when
 `chunk_size` is set. Launch `torchrun --nproc_per_node N -m moon posttrain ...` to train
-data-parallel; the data order, and therefore the result, depends only on the seed.
+data-parallel; the data order, and therefore the result, depends only on the seed (and,
+with `spatial_negatives: false`, on the number of processes: each rank's loss is then
+over its own pairs).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 
 from moon import ui
 from moon.config import MoonConfig, PosttrainStage
@@ -46,7 +50,7 @@ from moon.train.loop import (
     optimiser,
     publish,
 )
-from moon.train.losses import TaskTemperatures, info_nce, matryoshka
+from moon.train.losses import LossParts, PosttrainLoss, TaskTemperatures
 from moon.train.negatives import EmbeddingQueue, gather_from_ranks, gather_uneven
 from moon.views import SERVED_VIEW
 
@@ -72,10 +76,13 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if settings.distill_weight:
         distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature,
                                                             config.seed).to(processes.device)
+    dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
+    loss = PosttrainLoss(temperatures, dims, settings.matryoshka_weights, settings.task_weights, distillation,
+                         settings.distill_weight, settings.symmetric)
     # text-only batches leave the vision tower unused, hence find_unused_parameters
     model = processes.data_parallel(embedder, find_unused_parameters=True)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
-    step_loss = ContrastiveStep(model, embedder, temperatures, distillation, queue, settings, processes)
+    step_loss = ContrastiveStep(model, embedder, loss, queue, settings, processes)
     optim, schedule = optimiser([*embedder.parameters(), *step_loss.heads], settings)
     state = {"model": embedder, "temperatures": temperatures, "optimiser": optim, "schedule": schedule, "queue": queue}
     if distillation:
@@ -169,6 +176,12 @@ class Batch:
     hard_keys: torch.Tensor  # global (H, 3)
     distill_targets: torch.Tensor  # global (2B,): the catalogue row each query, then each positive, pictures
 
+    def own(self, rank: int) -> Batch:
+        """The batch as if this rank's pairs were all there are (the hard negatives stay global)."""
+        mine = slice(rank * len(self.queries), (rank + 1) * len(self.queries))
+        return replace(self, tasks=self.tasks[mine], weights=self.weights[mine], positive_keys=self.positive_keys[mine],
+                       distill_targets=self.distill_targets.reshape(2, -1)[:, mine].reshape(-1))
+
 
 class PairTable:
     """The training pairs of a stage, turned into inputs for the embedder.
@@ -256,59 +269,65 @@ class PairTable:
 
 
 class ContrastiveStep:
-    """Forward and backward of one step; gradients are left in the parameters."""
+    """Forward and backward of one step; gradients are left in the parameters.
 
-    def __init__(self, model, embedder: Embedder, temperatures: TaskTemperatures,
-                 distillation: DescriptorDistillation | None, queue: EmbeddingQueue, settings: PosttrainStage,
-                 processes: Processes):
-        self.model, self.embedder, self.temperatures, self.queue = model, embedder, temperatures, queue
-        self.distillation = distillation
-        # Parameters outside DDP: every rank computes the same gradient for them.
-        self.heads = [*temperatures.parameters(), *(distillation.parameters() if distillation else ())]
+    With spatial negatives, every rank gathers the queries and positives of all ranks and
+    computes the whole batch's loss; without, each rank computes the loss of its own pairs.
+    """
+
+    def __init__(self, model, embedder: Embedder, loss: PosttrainLoss, queue: EmbeddingQueue,
+                 settings: PosttrainStage, processes: Processes):
+        self.model, self.embedder, self.loss, self.queue = model, embedder, loss, queue
+        # Parameters outside DDP (temperatures, distillation head): this step reduces their gradients itself.
+        self.heads = list(loss.parameters())
         self.settings, self.processes = settings, processes
-        self.dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
-        self.dim_weights = settings.matryoshka_weights or [1.0] * len(self.dims)
-        if len(self.dim_weights) != len(self.dims):
-            raise UserError(f"matryoshka_weights needs one weight per dimension {self.dims}")
+        # Every rank computes the whole batch's loss but back-propagates only into its own rows;
+        # DDP averages over ranks, so the world size restores the full gradient. A rank's own
+        # loss needs no scaling: DDP's average is the average of the ranks' losses.
+        self.scale = processes.world_size if settings.spatial_negatives else 1
 
     def __call__(self, batch: Batch, step: int) -> dict:
         device = self.processes.device
+        spatial = self.settings.spatial_negatives
+        pairs = batch if spatial else batch.own(self.processes.rank)
+        gather = gather_from_ranks if spatial else _itself
         hard = self._hard_negatives(batch)
         queued, queued_keys = self.queue.get(step)
-        candidate_keys = torch.cat([k for k in (batch.positive_keys, batch.hard_keys, queued_keys) if k is not None])
-        masked = _same_product(batch.positive_keys, candidate_keys).to(device)
-        weights = batch.weights.to(device) * torch.tensor([self.settings.task_weights.get(t, 1.0) for t in batch.tasks],
-                                                          device=device)
-        record = {}
+        candidate_keys = torch.cat([k for k in (pairs.positive_keys, batch.hard_keys, queued_keys) if k is not None])
+        masked = _same_product(pairs.positive_keys, candidate_keys).to(device)
+        parts: LossParts | None = None
+        positives: torch.Tensor | None = None
 
         def loss(embeddings: torch.Tensor) -> torch.Tensor:
+            nonlocal parts, positives
             b = len(batch.queries)
-            queries, positives = gather_from_ranks(embeddings[:b]), gather_from_ranks(embeddings[b:])
+            queries, positives = gather(embeddings[:b]), gather(embeddings[b:])
             candidates = torch.cat([c for c in (positives, hard, queued) if c is not None])
-            temperature = self.temperatures(batch.tasks)
-
-            def weighted_info_nce(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-                per_pair = info_nce(q, c, temperature, masked, self.settings.symmetric)
-                record["per_pair"] = per_pair.detach()  # the last, full dimension's, is logged per task
-                return (per_pair * weights).sum() / weights.sum()
-
-            value = matryoshka(weighted_info_nce, queries, candidates, self.dims, self.dim_weights)
-            if self.distillation is not None:
-                distilled = self.distillation(torch.cat([queries, positives]), batch.distill_targets.to(device))
-                record["distill"] = distilled.detach()
-                value = value + self.settings.distill_weight * distilled
-            record.update(loss=value.detach(), positives=positives.detach(), candidates=len(candidates))
-            # Every rank computes the whole batch's loss but back-propagates only into its own
-            # rows; DDP averages over ranks, so the world size restores the full gradient.
-            return value * self.processes.world_size
+            value, parts = self.loss(queries, candidates, positives, pairs.tasks, pairs.weights.to(device), masked,
+                                     pairs.distill_targets.to(device))
+            return value * self.scale
 
         self._forward_backward(batch.queries + batch.positives, loss)
-        if self.processes.world_size > 1:  # not averaged by DDP: the scaled loss's gradient, unscaled
-            for parameter in self.heads:
+        self._reduce_head_gradients()
+        # The queue takes every rank's positives either way, so it is the same on every rank.
+        self.queue.push(positives if spatial else gather_from_ranks(positives.detach()), batch.positive_keys, step)
+        return self._stats(pairs.tasks, parts, masked)
+
+    def _reduce_head_gradients(self) -> None:
+        """DDP leaves the heads alone. With spatial negatives every rank has the same gradient for
+        them, of the scaled loss: unscale it. Without, each rank has its own loss's: average them."""
+        world_size = self.processes.world_size
+        if world_size == 1:
+            return
+        for parameter in self.heads:
+            if self.settings.spatial_negatives:
                 if parameter.grad is not None:
-                    parameter.grad /= self.processes.world_size
-        self.queue.push(record["positives"], batch.positive_keys, step)
-        return self._stats(batch, record, masked)
+                    parameter.grad /= world_size
+            else:
+                if parameter.grad is None:  # unused on this rank, perhaps not on the others
+                    parameter.grad = torch.zeros_like(parameter)
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= world_size
 
     def _forward_backward(self, inputs: list[Input], loss) -> None:
         collate, device = self.embedder.collate, self.processes.device
@@ -335,17 +354,23 @@ class ContrastiveStep:
         local = torch.cat(local) if local else torch.empty(0, self.embedder.dim, device=self.processes.device)
         return gather_uneven(local, len(batch.hard_keys))
 
-    def _stats(self, batch: Batch, record: dict, masked: torch.Tensor) -> dict:
-        per_pair = record["per_pair"].cpu().numpy()
+    def _stats(self, tasks: list[str], parts: LossParts, masked: torch.Tensor) -> dict:
+        """The loss and its parts as this rank computed them, so without spatial negatives its own pairs'."""
+        per_pair = parts.per_pair.cpu().numpy()
         by_task = {}
-        for task in sorted(set(batch.tasks)):
-            rows = [i for i, t in enumerate(batch.tasks) if t == task]
+        for task in sorted(set(tasks)):
+            rows = [i for i, t in enumerate(tasks) if t == task]
             by_task[task] = float(per_pair[rows].mean())
-        negatives = (record["candidates"] - masked.sum(1)).float().mean().item()  # masked includes the positive
-        stats = {"loss": float(record["loss"]), "loss_by_task": by_task, "negatives": negatives, "queue": len(self.queue)}
-        if "distill" in record:
-            stats["distill_loss"] = float(record["distill"])
+        negatives = (masked.shape[1] - masked.sum(1)).float().mean().item()  # masked (pairs, candidates) includes the positive
+        stats = {"loss": float(parts.total), "loss_by_task": by_task, "negatives": negatives, "queue": len(self.queue)}
+        if parts.distill is not None:
+            stats["distill_loss"] = float(parts.distill)
         return stats
+
+
+def _itself(local: torch.Tensor) -> torch.Tensor:
+    """No gathering: this rank's rows only."""
+    return local
 
 
 def _same_product(positive_keys: torch.Tensor, candidate_keys: torch.Tensor) -> torch.Tensor:
