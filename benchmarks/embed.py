@@ -25,8 +25,6 @@ from train import matmul_peak  # benchmarks/train.py, beside this file
 from moon import ui
 from moon.config import load_config
 from moon.io.tables import dataset
-from moon.eval.retrieval import ITEM_VIEW
-from moon.model.backbone import set_bidirectional
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.represent.batch import encode_items, read_rows
@@ -36,13 +34,12 @@ def embedder(items: pa.Table, overrides: list[str]) -> tuple[Embedder, int]:
     """The tiny preset's embedder, set up as `moon embed` sets it up, and its `store.batch_size`."""
     config = load_config(None, overrides)
     model = Embedder.create(config.model, ItemViews(items).texts(), seed=0)
-    set_bidirectional(model.backbone, config.model.bidirectional)
     return model.eval(), config.store.batch_size
 
 
 def encode(model: Embedder, items: pa.Table, batch_size: int) -> np.ndarray:
     """What `moon embed` does to one partition of the catalogue."""
-    return encode_items(model, ItemViews(items), ITEM_VIEW, batch_size, lambda n=1: None)
+    return encode_items(model, ItemViews(items), model.settings.served_view, batch_size, lambda n=1: None)
 
 
 def items_per_second(model: Embedder, items: pa.Table, batch_size: int) -> tuple[float, float]:
@@ -60,7 +57,7 @@ def input_seconds(model: Embedder, items: pa.Table, batch_size: int) -> float:
     start = time.perf_counter()
     views = ItemViews(items)
     for first in range(0, len(views), batch_size):
-        model.collate(views.inputs(range(first, min(first + batch_size, len(views))), ITEM_VIEW))
+        model.collate(views.inputs(range(first, min(first + batch_size, len(views))), model.settings.served_view))
     return time.perf_counter() - start
 
 

@@ -28,7 +28,7 @@ from moon.model.views import ItemViews
 from moon.train import posttrain as recipe
 from moon.train.distill import DescriptorDistillation
 from moon.train.loop import Processes, global_batch_indices, optimiser
-from moon.train.losses import TaskTemperatures
+from moon.train.losses import PosttrainLoss, TaskTemperatures
 from moon.train.negatives import EmbeddingQueue
 
 
@@ -53,7 +53,10 @@ def trainer(run_dir: Path, stage: int, overrides: list[str]):
     if settings.distill_weight:
         distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature)
     queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
-    step = recipe.ContrastiveStep(embedder, embedder, temperatures, distillation, queue, settings, Processes())
+    dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
+    loss = PosttrainLoss(temperatures, dims, settings.matryoshka_weights, settings.task_weights, distillation,
+                         settings.distill_weight, settings.symmetric)
+    step = recipe.ContrastiveStep(embedder, embedder, loss, queue, settings, Processes())
     optim, _ = optimiser([*embedder.parameters(), *step.heads], settings)
 
     def run(index: int) -> None:

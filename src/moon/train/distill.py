@@ -23,11 +23,12 @@ off there (`distill_weight: 0`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moon import ui
 from moon.baseline.descriptor import image_descriptors
 
 NO_TARGET = -1  # an embedding that shows no catalogue image (a text query, a text-only item view)
@@ -45,9 +46,10 @@ class DescriptorDistillation(torch.nn.Module):
             self.head = torch.nn.Linear(dim, prototypes.shape[1])
 
     @classmethod
-    def for_catalogue(cls, images: list[bytes], dim: int, temperature: float, seed: int = 0) -> DescriptorDistillation:
-        ui.log(f"describing {len(images):,} catalogue images for distillation")
-        prototypes = torch.from_numpy(image_descriptors(images))
+    def for_catalogue(cls, images: list[bytes], dim: int, temperature: float, seed: int = 0,
+                      advance: Callable[[int], object] | None = None) -> DescriptorDistillation:
+        """The head over the descriptors of every catalogue image; `advance(n)` reports the images described."""
+        prototypes = torch.from_numpy(image_descriptors(images, advance))
         return cls(prototypes, dim, temperature, seed)
 
     def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

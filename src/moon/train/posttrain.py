@@ -74,8 +74,9 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     temperatures.to(processes.device)
     distillation = None
     if settings.distill_weight:
-        distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature,
-                                                            config.seed).to(processes.device)
+        with ui.progress("describe catalogue images for distillation", len(items), unit="images") as advance:
+            distillation = DescriptorDistillation.for_catalogue(items.images, embedder.dim, settings.distill_temperature,
+                                                                config.seed, advance).to(processes.device)
     dims = sorted({*embedder.settings.matryoshka_dims, embedder.dim})
     loss = PosttrainLoss(temperatures, dims, settings.matryoshka_weights, settings.task_weights, distillation,
                          settings.distill_weight, settings.symmetric)
@@ -138,7 +139,7 @@ def starting_embedder(config: MoonConfig, run_dir: Path, stage: int, pairs: Pair
     else:
         source = run.model("pretrain")
         if not (config.posttrain.from_pretrained and run.has_model("pretrain")):
-            corpus = [*pairs.items.texts(), *pairs.query_texts()]
+            corpus = [*pairs.items.texts(), *pairs.text_corpus()]
             return Embedder.create(config.model, corpus, seed=config.seed), config.model.checkpoint or "random init"
     return Embedder.load(source), str(source)  # with the attention it was published with
 
@@ -199,7 +200,7 @@ class PairTable:
         self.items, self.keys, self.augment_size, self.restage = items, keys, augment_size, restage
         self.tasks = table["task"].to_pylist()
         self.query_views = table["query_view"].to_pylist()
-        self.query_texts_ = table["query_text"].to_pylist()
+        self.query_texts = table["query_text"].to_pylist()
         self.query_images = table["query_image"].to_pylist()
         self.query_rows = [None if i is None else items.row[i] for i in table["query_item_id"].to_pylist()]
         self.positive_rows = items.rows(table["pos_item_id"].to_pylist())
@@ -219,7 +220,7 @@ class PairTable:
         rows = np.arange(count) % len(self.items)
         self.tasks += [CATALOGUE_TASK] * count
         self.query_views += ["image"] * count
-        self.query_texts_ += [None] * count
+        self.query_texts += [None] * count
         self.query_images += [self.items.images[row] for row in rows]
         self.query_rows += [None] * count
         self.positive_rows = np.concatenate([self.positive_rows, rows])
@@ -230,8 +231,9 @@ class PairTable:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def query_texts(self) -> list[str]:
-        return [text for text in self.query_texts_ if text]
+    def text_corpus(self) -> list[str]:
+        """The pairs' query texts, e.g. for a tokenizer trained on them."""
+        return [text for text in self.query_texts if text]
 
     def batch(self, indices: np.ndarray, rank: int, hard_per_pair: float, rng: np.random.Generator) -> Batch:
         """`indices` is the global batch, (ranks, pairs per rank); `rank` says which row is ours.
@@ -254,7 +256,7 @@ class PairTable:
         )
 
     def _query(self, i: int, view_seed: int) -> Input:
-        query = query_input(self.query_views[i], self.query_texts_[i], self.query_images[i], self.query_rows[i], self.items)
+        query = query_input(self.query_views[i], self.query_texts[i], self.query_images[i], self.query_rows[i], self.items)
         if self.augment_size and self.query_views[i] == "image":
             scenes = self.scenes if self.restage and i >= self.behaviour_pairs else ()
             query = Input(None, augment(query.image, np.random.default_rng(view_seed), self.augment_size, scenes))
