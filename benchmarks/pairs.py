@@ -58,7 +58,7 @@ def replay_log(world: Path, run_dir: Path, events: int) -> int:
 
 
 def scan_events_per_s(run_dir: Path) -> float:
-    from moon.pairs.build import INTERACTION_COLUMNS
+    from moon.pairs.log import INTERACTION_COLUMNS
     from moon.io.tables import dataset
 
     started = time.perf_counter()

@@ -12,7 +12,8 @@ from PIL import Image
 
 from moon.config import load_config
 from moon.io import schema
-from moon.pairs.build import build_pairs, mix_quotas
+from moon.pairs.build import build_pairs
+from moon.pairs.stage1 import mix_quotas
 from moon.run import RunDir
 from moon.io.tables import TableWriter, read_table
 

@@ -43,7 +43,7 @@ from moon.io.tables import has_table, read_table
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
-from moon.pairs.build import ITEM_QUERY_VIEWS
+from moon.pairs.stage1 import ITEM_QUERY_VIEWS
 from moon.run import RunDir
 from moon.store.versions import Store
 from moon.vectors import prefix

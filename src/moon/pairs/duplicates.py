@@ -33,8 +33,8 @@ from scipy.sparse.csgraph import connected_components
 
 from moon import ui
 from moon.io import schema
-from moon.pairs.entities import words
 from moon.io.images import decode
+from moon.pairs.entities import words
 
 HASH_BITS = 64
 PHASH_SIDE = 32  # imagehash.phash scales every image to 32x32 grey pixels
