@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moon.errors import UserError
+from moon.model.embedder import Embedder
 from moon.train.distill import DescriptorDistillation
 
 
@@ -60,7 +61,7 @@ def matryoshka(
     weights = weights or [1.0] * len(dims)
     total = 0.0
     for dim, weight in zip(dims, weights):
-        total = total + weight * loss(F.normalize(queries[:, :dim], dim=-1), F.normalize(candidates[:, :dim], dim=-1))
+        total = total + weight * loss(Embedder.truncate(queries, dim), Embedder.truncate(candidates, dim))
     return total
 
 
@@ -144,7 +145,7 @@ class PosttrainLoss(torch.nn.Module):
         weights = pair_weights * torch.tensor([self.task_weights.get(t, 1.0) for t in tasks], device=pair_weights.device)
         value, full = 0.0, None
         for dim, dim_weight in zip(self.dims, self.dim_weights):
-            per_pair = info_nce(F.normalize(queries[:, :dim], dim=-1), F.normalize(candidates[:, :dim], dim=-1),
+            per_pair = info_nce(Embedder.truncate(queries, dim), Embedder.truncate(candidates, dim),
                                 temperature, false_negatives, self.symmetric)
             value = value + dim_weight * ((per_pair * weights).sum() / weights.sum())
             if dim == self.full_dim:

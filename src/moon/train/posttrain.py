@@ -31,14 +31,14 @@ import torch.distributed as dist
 
 from moon import ui
 from moon.config import MoonConfig, PosttrainStage
+from moon.errors import UserError
 from moon.io import schema
 from moon.io.tables import has_table, read_table
-from moon.errors import UserError
-from moon.run import MODEL_STAGES, RunDir
 from moon.model.backbone import autocast, prepare_for_training
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews, query_input
+from moon.run import MODEL_STAGES, RunDir
 from moon.train.augment import augment
 from moon.train.distill import DescriptorDistillation, targets
 from moon.train.grad_cache import grad_cache_step

@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from moon import ui
 from moon.config import ModelConfig, MoonConfig
-from moon.io.tables import read_table
 from moon.errors import UserError
+from moon.io.tables import read_table
 from moon.model.backbone import autocast
 from moon.model.generative import IGNORE, AnswerLoss, build_generative, make_collator, save_generative
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
