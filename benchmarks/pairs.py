@@ -58,8 +58,8 @@ def replay_log(world: Path, run_dir: Path, events: int) -> int:
 
 
 def scan_events_per_s(run_dir: Path) -> float:
-    from moon.pairs.log import INTERACTION_COLUMNS
     from moon.io.tables import dataset
+    from moon.pairs.log import INTERACTION_COLUMNS
 
     started = time.perf_counter()
     rows = 0

@@ -6,16 +6,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from moon.config import load_config
-from moon.baseline.descriptor import IMAGE_DIMS, image_descriptors
 from moon.baseline import BaselineEmbedder
+from moon.baseline.descriptor import IMAGE_DIMS, image_descriptors
 from moon.baseline.embedder import MANIFEST_FILE, STATE_FILE
-from moon.views import item_text
+from moon.config import load_config
+from moon.io.images import decode as decode_image
 from moon.io.schema import ITEM_VIEWS, ITEMS
 from moon.io.tables import read_table
-from moon.io.images import decode as decode_image
 from moon.sources.simulate.photos import user_photo
 from moon.sources.simulate.write import simulate
+from moon.views import item_text
 
 COLOURS = {"red": (200, 30, 40), "blue": (30, 60, 190), "black": (25, 25, 25), "green": (40, 150, 60)}
 

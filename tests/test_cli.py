@@ -9,8 +9,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from conftest import TINY_MODEL, TINY_WORLD, shared_data
-from test_ingest import good_rows, write_catalogue
 from moon.io.tables import read_manifest, read_table
+from test_ingest import good_rows, write_catalogue
 
 SHORT_TRAINING = ["pretrain.steps=2", "pretrain.batch_size=8", "posttrain.stage1.steps=2",
                   "posttrain.stage1.batch_size=8", "posttrain.stage2.steps=2", "posttrain.stage2.batch_size=4"]

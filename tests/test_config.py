@@ -5,8 +5,8 @@ import yaml
 from pydantic import BaseModel
 
 from moon.config import MoonConfig, default_config_path, load_config, render_yaml
-from moon.pairs.build import SECTIONS as PAIRS
 from moon.errors import UserError
+from moon.pairs.build import SECTIONS as PAIRS
 from moon.train.posttrain import SECTIONS as POSTTRAIN
 from moon.train.pretrain import SECTIONS as PRETRAIN
 

@@ -11,9 +11,9 @@ from conftest import shared_data
 from moon import ui
 from moon.config import load_config
 from moon.io import schema
+from moon.io.tables import read_manifest, read_table
 from moon.pairs.entities import Gazetteer
 from moon.sources.catalogue import ingest
-from moon.io.tables import read_manifest, read_table
 
 
 @pytest.fixture(scope="module")

@@ -243,8 +243,8 @@ def _cut_out_product() -> tuple[bytes, bytes]:
 
 def test_a_transparent_png_is_seen_on_white_by_every_stage():
     from moon.baseline.descriptor import image_descriptors
-    from moon.io.images import decode
     from moon.config import load_config
+    from moon.io.images import decode
     from moon.model.embedder import Embedder
     from moon.train.augment import augment
 

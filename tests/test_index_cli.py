@@ -11,13 +11,13 @@ from click.testing import CliRunner
 
 from conftest import STORE_ITEMS, STORE_OVERRIDES, store_config, write_items
 from moon.cli import cli
-from moon.io.tables import read_table
 from moon.errors import UserError
+from moon.io.tables import read_table
 from moon.represent import embed_catalogue
+from moon.run import RunDir
 from moon.store.index import VectorIndex
 from moon.store.indexing import is_current, load_index
 from moon.store.versions import Store
-from moon.run import RunDir
 
 
 def moon_index(run_dir, *args):

@@ -14,12 +14,12 @@ from PIL import Image
 
 from conftest import shared_data
 from moon.config import load_config
-from moon.sources import catalogue as ingest_module
+from moon.errors import UserError
 from moon.io.images import ImageError, check_image
-from moon.sources.catalogue import ingest
 from moon.io.schema import ITEMS, REJECTS
 from moon.io.tables import read_manifest, read_table
-from moon.errors import UserError
+from moon.sources import catalogue as ingest_module
+from moon.sources.catalogue import ingest
 
 KAGGLE_HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from moon.config import load_config
 from moon.io import schema
+from moon.io.tables import TableWriter, read_table
 from moon.pairs.build import build_pairs
 from moon.pairs.stage1 import mix_quotas
 from moon.run import RunDir
-from moon.io.tables import TableWriter, read_table
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 COLOURS = {"red": (200, 30, 40), "blue": (40, 100, 210), "green": (40, 150, 70), "black": (20, 20, 20),

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 from conftest import TINY_MODEL, TINY_WORLD, free_port, publish_untrained
 from moon.config import load_config
-from moon.pairs.build import build_pairs
-from moon.io.tables import read_table
 from moon.errors import UserError
+from moon.io.tables import read_table
 from moon.model.views import ItemViews
+from moon.pairs.build import build_pairs
+from moon.run import RunDir
 from moon.train import posttrain as recipe
 from moon.train.augment import augment, cut_out
 from moon.train.distill import NO_TARGET, DescriptorDistillation
-from moon.run import RunDir
 from moon.train.loop import read_log
 
 TRAIN = [

@@ -17,8 +17,8 @@ from moon.io.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.generative import IGNORE, AnswerLoss, build_generative, make_collator, save_generative
 from moon.model.tokenizer import EOS, IMAGE_PAD, train_tokenizer
-from moon.train import pretrain as recipe
 from moon.run import RunDir
+from moon.train import pretrain as recipe
 from moon.train.loop import optimiser, read_log
 from moon.train.pretrain_data import (
     PretrainCollator,

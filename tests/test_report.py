@@ -17,15 +17,15 @@ from PIL import Image
 from conftest import TINY_MODEL, TINY_WORLD
 from moon.cli import cli
 from moon.config import load_config
-from moon.pairs.build import build_pairs
-from moon.io.tables import MANIFEST, read_table, table_path
 from moon.eval.retrieval import evaluate
+from moon.io.tables import MANIFEST, read_table, table_path
+from moon.pairs.build import build_pairs
 from moon.report import build_report, gallery
 from moon.report import recall as recall_section
 from moon.report.html import THUMB_SIDE
 from moon.represent import embed_catalogue
-from moon.train import posttrain
 from moon.run import RunDir
+from moon.train import posttrain
 
 SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery"]
 MODELS = {"baseline", "untrained", "stage1", "stage2"}  # no pretraining: it is the slowest stage to set up

@@ -5,12 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from moon.io import schema
-from moon.io.tables import TableWriter
 from moon.errors import UserError
 from moon.eval import metrics
-from moon.eval.retrieval import ITEM_QUERY_VIEWS, held_out
-from moon.vectors import prefix
 from moon.eval.metrics import (
     CatalogueMismatch,
     bootstrap_ci,
@@ -23,6 +19,10 @@ from moon.eval.metrics import (
     top_k,
     without_self,
 )
+from moon.eval.retrieval import ITEM_QUERY_VIEWS, held_out
+from moon.io import schema
+from moon.io.tables import TableWriter
+from moon.vectors import prefix
 
 
 def unit(degrees):

@@ -16,14 +16,14 @@ import pytest
 
 from conftest import STORE_ITEMS, STORE_OVERRIDES, free_port, publish_untrained, store_config, write_items
 from moon.config import load_config
-from moon.io.tables import read_table
 from moon.errors import UserError
-from moon.views import SERVED_VIEW as ITEM_VIEW
+from moon.io.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
 from moon.represent import embed_catalogue
-from moon.store.versions import Store, VersionBuilder, checkpoint_digest
 from moon.run import RunDir
+from moon.store.versions import Store, VersionBuilder, checkpoint_digest
+from moon.views import SERVED_VIEW as ITEM_VIEW
 
 ITEMS = STORE_ITEMS  # the first rows of the tiny world's catalogue; the rest arrive "later"
 OVERRIDES = STORE_OVERRIDES

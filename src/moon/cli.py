@@ -69,8 +69,8 @@ REPLACE_INGESTED = click.option(
 @stage_command
 def simulate(config: MoonConfig, run_dir: Path, catalog: str | None, replace_ingested: bool):
     """Simulate an e-commerce world: catalogue, users, search sessions, clicks and purchases."""
-    from moon.sources.summary import print_summary
     from moon.sources.simulate.write import simulate as run_simulation
+    from moon.sources.summary import print_summary
 
     if catalog:
         config = config.model_copy(update={"behaviour": config.behaviour.model_copy(update={"catalog": catalog})})

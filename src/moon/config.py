@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moon.errors import UserError
+from moon.io.schema import ITEM_VIEWS
 
 
 class Section(BaseModel):
@@ -189,7 +190,7 @@ class ModelConfig(Section):
     max_text_tokens: int = Field(48, gt=0, description="text tokens kept per input")
     matryoshka_dims: list[int] = Field([32, 64, 128], description="embedding prefixes trained and served")
     bidirectional: bool = Field(True, description="embed with bidirectional attention (MOON); false: causal")
-    served_view: Literal["richer-text", "image", "title+image", "richer-text+image"] = Field(
+    served_view: Literal[ITEM_VIEWS] = Field(
         "richer-text+image", description="the item view a model's store versions, indexes and evaluation use"
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")

@@ -15,16 +15,16 @@ from pathlib import Path
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.pairs import build as pairs
-from moon.sources.summary import print_summary
-from moon.io.tables import has_table, read_manifest
-from moon.sources.simulate.write import OUTPUTS as SIMULATE_OUTPUTS
-from moon.sources.simulate.write import SECTIONS as SIMULATE_SECTIONS
-from moon.sources.simulate.write import simulate
 from moon.eval import retrieval
+from moon.io.tables import has_table, read_manifest
+from moon.pairs import build as pairs
 from moon.report import build_report, print_location
 from moon.represent import embed_catalogue
 from moon.run import RunDir
+from moon.sources.simulate.write import OUTPUTS as SIMULATE_OUTPUTS
+from moon.sources.simulate.write import SECTIONS as SIMULATE_SECTIONS
+from moon.sources.simulate.write import simulate
+from moon.sources.summary import print_summary
 from moon.store.indexing import index_version
 from moon.store.indexing import is_current as index_is_current
 from moon.store.versions import Store

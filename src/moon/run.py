@@ -20,7 +20,6 @@ strings of its own:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -29,20 +28,14 @@ MANIFEST = "manifest.json"
 MODEL_STAGES = ("pretrain", "stage1", "stage2")
 
 
-@dataclass(frozen=True)
 class RunDir:
     """One run directory; every method returns a path inside it (nothing is created)."""
 
-    root: Path
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
 
-    def __init__(self, root: str | Path | RunDir):
-        object.__setattr__(self, "root", Path(root.root if isinstance(root, RunDir) else root))
-
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
-
-    def __str__(self) -> str:
-        return str(self.root)
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
 
     # ---- tables
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -26,6 +26,9 @@ console = Console(stderr=True)  # progress and logs go to stderr; results (table
 # the 80 columns assumed off a terminal; COLUMNS still sets the width when given.
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 132)
 _quiet = False
+
+# What a library function takes to report work done (`advance(n)`) to the bar its caller draws.
+Advance = Callable[[int], object]
 
 
 def set_quiet(quiet: bool) -> None:

@@ -31,10 +31,11 @@ flat that it has no gradient at all).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from moon import ui
 from moon.io.images import central_square, decode
 from moon.vectors import unit_rows
 
@@ -61,7 +62,7 @@ IMAGE_DIMS = sum(BLOCK_DIMS.values())
 BATCH = 4096  # images per numpy batch
 
 
-def image_descriptors(images: Sequence[bytes], advance: Callable[[int], object] | None = None) -> np.ndarray:
+def image_descriptors(images: Sequence[bytes], advance: ui.Advance | None = None) -> np.ndarray:
     """The colour/texture descriptor of each encoded image: (n, IMAGE_DIMS) float32, unit norm.
     `advance(n)` reports progress to the caller's bar."""
     out = np.empty((len(images), IMAGE_DIMS), dtype=np.float32)

@@ -23,7 +23,7 @@ baseline cannot search across modalities.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import pyarrow as pa
 from sklearn.decomposition import TruncatedSVD
 from sklearn.pipeline import FeatureUnion
 
+from moon import ui
 from moon.baseline.descriptor import IMAGE_DIMS, image_descriptors
 from moon.baseline.text import MAX_FIT_TEXTS, TEXT_SHARE, normalise_text
 from moon.baseline.text import tfidf as text_tfidf
@@ -39,7 +40,6 @@ from moon.vectors import unit_rows
 from moon.views import check_view, item_text
 
 BATCH = 4096  # texts per TF-IDF batch
-Progress = Callable[[int], object] | None  # reports work done to a caller's progress bar
 STATE_FILE = "baseline.pkl"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -96,19 +96,19 @@ class BaselineEmbedder:
         out[:, : self.text_dims] = self._text_part(texts)
         return out
 
-    def encode_images(self, images: list[bytes], advance: Progress = None) -> np.ndarray:
+    def encode_images(self, images: list[bytes], advance: ui.Advance | None = None) -> np.ndarray:
         """Image queries (or item images), encoded PNG/JPEG/...: (n, dim) float32, the text part zero."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         out[:, self.text_dims :] = image_descriptors(images, advance)
         return out
 
-    def encode_text_image(self, texts: list[str], images: list[bytes], advance: Progress = None) -> np.ndarray:
+    def encode_text_image(self, texts: list[str], images: list[bytes], advance: ui.Advance | None = None) -> np.ndarray:
         """Queries (or items) made of a text and an image: the two parts weighted by TEXT_SHARE."""
         if len(texts) != len(images):
             raise ValueError(f"{len(texts)} texts but {len(images)} images")
         return combine(self._text_part(texts), image_descriptors(images, advance))
 
-    def encode_items(self, items: pa.Table, view: str, advance: Progress = None) -> np.ndarray:
+    def encode_items(self, items: pa.Table, view: str, advance: ui.Advance | None = None) -> np.ndarray:
         """Items in one of ITEM_VIEWS: (n, dim) float32. `advance(n)` reports the images described."""
         check_view(view)
         if view == "image":

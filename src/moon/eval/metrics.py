@@ -12,12 +12,13 @@ Model-agnostic: everything takes numpy arrays, so any embedder's vectors are sco
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
+from moon import ui
 from moon.errors import UserError
 from moon.vectors import prefix
 
@@ -35,7 +36,7 @@ class CatalogueMismatch(UserError, ValueError):
 
 
 def exact_search(queries: np.ndarray, catalogue: np.ndarray, k: int,
-                 advance: Callable[[int], object] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 advance: ui.Advance | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k with faiss `IndexFlatIP`: (scores, indices), both (queries, min(k, catalogue)).
 
     Vectors are used as given (normalise first for cosine; `top_k` does). `advance(n)` reports the
@@ -193,6 +194,9 @@ class RecallReport:
     hits: dict[int, dict[int, np.ndarray]] = field(repr=False)  # dim -> k -> per-query hits (paired comparisons)
     seed: int = 0
     resamples: int = 1000
+    # (scores, catalogue indices) of each query's top max(ks) at the full dimension, best first,
+    # the ranking its recall was computed from; None when the full dimension was not scored
+    top: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -241,16 +245,17 @@ def retrieval_recall(
     ks = _ks(ks)
     full = q.shape[1]
     chosen = list(dict.fromkeys(full if d is None else int(d) for d in (dims if dims is not None else [None])))
-    recall, hits = {}, {}
+    recall, hits, top = {}, {}, None
     for dim in chosen:
         if exclude is None:
-            _, ranked = top_k(q, c, ks[-1], dim)
+            scores, ranked = top_k(q, c, ks[-1], dim)
+            top = (scores, ranked) if dim == full else top
         else:
             ranked = without_self(top_k(q, c, ks[-1] + 1, dim)[1], exclude)
         by_clipped = recall_at_k(ranked, relevant, {min(k, ranked.shape[1]) for k in ks})
         hits[dim] = {k: by_clipped[min(k, ranked.shape[1])] for k in ks}
         recall[dim] = {k: Recall(float(h.mean()), bootstrap_ci(h, seed, resamples)) for k, h in hits[dim].items()}
-    return RecallReport(q.shape[0], c.shape[0], recall, hits, seed, resamples)
+    return RecallReport(q.shape[0], c.shape[0], recall, hits, seed, resamples, top)
 
 
 # ---------------------------------------------------------------- relevance

@@ -28,15 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from moon import ui
-from moon.config import MoonConfig
 from moon.baseline import BaselineEmbedder
+from moon.config import MoonConfig
 from moon.eval.metrics import (
     bootstrap_ci,
     recall_at_k,
     relevant_items,
     relevant_sets,
     retrieval_recall,
-    top_k,
 )
 from moon.io.atomic import atomic_json, atomic_parquet
 from moon.io.tables import has_table, read_table
@@ -97,8 +96,9 @@ def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | 
     results, scored = {}, {"ks": settings.ks, "seed": config.seed}
     for label, vectors in _models(config, run_dir, items, views, photos, texts.queries, extra_models):
         ui.log(f"evaluating {label}")
-        save_predictions(run.predictions(label), queries["query_id"], vectors, views.item_ids)
-        report = retrieval_recall(vectors.photos, vectors.items, relevant, dims=vectors.dims, **scored).to_dict()
+        image_search = retrieval_recall(vectors.photos, vectors.items, relevant, dims=vectors.dims, **scored)
+        save_predictions(run.predictions(label), queries["query_id"], image_search.top, vectors, views.item_ids)
+        report = image_search.to_dict()
         report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, relevant, leaves, config.seed)
         if len(texts):
             report["text_search"] = retrieval_recall(vectors.texts, vectors.items, text_relevant, dims=vectors.dims,
@@ -113,10 +113,12 @@ def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | 
     return results
 
 
-def save_predictions(path: Path, query_ids: pa.ChunkedArray, vectors: Vectors, item_ids: list[str]) -> None:
-    """One model's image-search rankings at the full dimension: query id, top item ids, their scores;
-    the file's metadata says which view the catalogue was seen in and where its vectors came from."""
-    scores, ranked = top_k(vectors.photos, vectors.items, PREDICTED_K)
+def save_predictions(path: Path, query_ids: pa.ChunkedArray, top: tuple[np.ndarray, np.ndarray], vectors: Vectors,
+                     item_ids: list[str]) -> None:
+    """One model's image-search rankings at the full dimension, the `top` its recall was computed from:
+    query id, top PREDICTED_K item ids, their scores; the file's metadata says which view the
+    catalogue was seen in and where its vectors came from."""
+    scores, ranked = (part[:, :PREDICTED_K] for part in top)
     ids = np.asarray(item_ids, dtype=object)[ranked]
     table = pa.table({"query_id": query_ids, "item_ids": pa.array(ids.tolist(), pa.list_(pa.string())),
                       "scores": pa.array(scores.tolist(), pa.list_(pa.float32()))})

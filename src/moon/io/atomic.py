@@ -76,16 +76,24 @@ def remove_stale(final: str | Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def atomic_file(path: str | Path, data: str | bytes) -> Path:
-    """Writes one file (text as UTF-8) under a temporary name, then renames it to `path`."""
+@contextmanager
+def _replacing(path: str | Path) -> Iterator[Path]:
+    """Yields a hidden temporary file name beside `path`, renamed to `path` once written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
-    return path
+
+
+def atomic_file(path: str | Path, data: str | bytes) -> Path:
+    """Writes one file (text as UTF-8) under a temporary name, then renames it to `path`."""
+    with _replacing(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 def atomic_json(path: str | Path, data: dict) -> Path:
@@ -95,8 +103,6 @@ def atomic_json(path: str | Path, data: dict) -> Path:
 
 def atomic_parquet(table: pa.Table, path: str | Path) -> Path:
     """A single-file table (rejects.parquet, a store shard) written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
+    with _replacing(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)

@@ -35,8 +35,8 @@ def decode(data: bytes | Image.Image, draft: tuple[int, int] | None = None) -> I
     `draft` (width, height) lets a JPEG decode at 1/2, 1/4 or 1/8 scale while still at least
     that large: much less work when only a small picture is needed.
     """
-    if not isinstance(data, (bytes, bytearray)):
-        return to_rgb(data)
+    if not isinstance(data, (bytes, bytearray)):  # a new image, never the caller's own
+        return data.copy() if data.mode == "RGB" else to_rgb(data)
     with Image.open(io.BytesIO(data)) as image:
         if draft is not None:
             image.draft("RGB", draft)

@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from moon.errors import UserError
-from moon.io.atomic import swap_into_place, temporary_dir
+from moon.io.atomic import atomic_json, swap_into_place, temporary_dir
 from moon.run import MANIFEST, RunDir
 
 
@@ -60,7 +60,7 @@ class TableWriter:
             self.shards = 1
         info = {"table": self.final.name, "rows": self.rows, "shards": self.shards, "created_at": utc_now()}
         info.update(manifest)
-        (self.tmp / MANIFEST).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        atomic_json(self.tmp / MANIFEST, info)
         return swap_into_place(self.tmp, self.final)
 
     def abort(self) -> None:
@@ -98,16 +98,12 @@ def has_table(run_dir: Path, name: str) -> bool:
     return RunDir(run_dir).has_table(name)
 
 
-def brought_in(run_dir: Path, name: str) -> bool:
-    """Whether the table holds data a user brought in (an ingested catalogue or log)."""
-    return has_table(run_dir, name) and read_manifest(run_dir, name).get("simulated") is False
-
-
 def refuse_to_replace(run_dir: Path, name: str, stage: str, instead: str) -> None:
-    """Stops `stage` before it replaces a table a user brought in, saying what is there and what to do."""
-    if not brought_in(run_dir, name):
+    """Stops `stage` before it replaces a table a user brought in (an ingested catalogue or log: its
+    manifest says `simulated: false`), saying what is there, who made it and what to do instead."""
+    manifest = read_manifest(run_dir, name) if has_table(run_dir, name) else {}
+    if manifest.get("simulated") is not False:
         return
-    manifest = read_manifest(run_dir, name)
     made = manifest.get("ingest") or manifest  # behaviour simulated over a catalogue keeps its ingest manifest
     origin = f" from {made['source']}" if made.get("source") else ""
     raise UserError(f"{RunDir(run_dir).table(name)} holds {manifest.get('rows', 0):,} rows a user brought in "

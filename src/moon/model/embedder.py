@@ -8,13 +8,14 @@ are prefixes of the full vector, re-normalised, so one stored vector serves ever
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moon import ui
 from moon.config import ModelConfig
 from moon.errors import UserError
 from moon.model.backbone import autocast, build_backbone, grid_side, merged
@@ -61,7 +62,7 @@ class Embedder(torch.nn.Module):
         return F.normalize(embeddings[..., :dim], dim=-1)
 
     def encode(self, inputs: Sequence[Input], dim: int | None = None, batch_size: int = 32,
-               advance: Callable[[int], object] | None = None) -> np.ndarray:
+               advance: ui.Advance | None = None) -> np.ndarray:
         """Embeddings of any views, in batches, without gradients, on the model's device and in its
         compute dtype; float32 (n, dim or full). `advance(n)` reports progress to the caller's bar."""
         dim = dim or self.dim

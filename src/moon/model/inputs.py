@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from moon.model.tokenizer import IMAGE_PAD, VISION_END, VISION_START
 from moon.io.images import decode
+from moon.model.tokenizer import IMAGE_PAD, VISION_END, VISION_START
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])

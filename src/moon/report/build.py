@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.pairs.accounting import Accounting, Step
-from moon.sources.summary import summarize
+from moon.errors import UserError
 from moon.io.atomic import atomic_file, atomic_json
 from moon.io.tables import has_table, read_manifest, utc_now
-from moon.errors import UserError
+from moon.pairs.accounting import Accounting, Step
 from moon.report import gallery, recall, training
 from moon.report.html import Html, Section, not_run, note, page, table, text
 from moon.run import RunDir
+from moon.sources.summary import summarize
 
 HTML_FILE = "report.html"
 METRICS_FILE = "metrics.json"

@@ -138,7 +138,7 @@ def resolve_model(run_dir: Path, model: str | None) -> tuple[str, Path]:
     if model is None:
         if (latest := run.latest_model()) is not None:
             return latest, run.model(latest)
-        raise UserError(f"no trained model in {run / 'models'}: run `moon posttrain --stage 1` "
+        raise UserError(f"no trained model in {run.root / 'models'}: run `moon posttrain --stage 1` "
                         "(or `moon pretrain`) first, or pass --model DIR")
     if model in MODEL_STAGES:
         if not run.has_model(model):

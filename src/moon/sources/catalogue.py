@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 
 from moon import ui
 from moon.config import ColumnMap, IngestConfig, MoonConfig
+from moon.errors import UserError
+from moon.io.atomic import atomic_parquet
 from moon.io.images import ImageError, check_image, pixel_limit
 from moon.io.schema import ITEMS, REJECT_REASONS, REJECTS
-from moon.io.atomic import atomic_parquet
 from moon.io.tables import TableWriter
 from moon.run import RunDir
-from moon.errors import UserError
 
 # Column layouts recognised without configuration, tried in order. A layout matches when its
 # id, title and category columns are all present; its other columns are used when present.

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from moon import ui
-from moon.io.tables import MANIFEST, utc_now
 from moon.errors import UserError
-from moon.store.index import KINDS, META_FILE, Kind, VectorIndex, ann_recall
 from moon.io.atomic import atomic_json
+from moon.io.tables import MANIFEST, utc_now
 from moon.run import RunDir
+from moon.store.index import KINDS, META_FILE, Kind, VectorIndex, ann_recall
 from moon.store.versions import Store, StoreVersion
 
 FULL = "full"

@@ -23,12 +23,11 @@ off there (`distill_weight: 0`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moon import ui
 from moon.baseline.descriptor import image_descriptors
 
 NO_TARGET = -1  # an embedding that shows no catalogue image (a text query, a text-only item view)
@@ -47,7 +46,7 @@ class DescriptorDistillation(torch.nn.Module):
 
     @classmethod
     def for_catalogue(cls, images: list[bytes], dim: int, temperature: float, seed: int = 0,
-                      advance: Callable[[int], object] | None = None) -> DescriptorDistillation:
+                      advance: ui.Advance | None = None) -> DescriptorDistillation:
         """The head over the descriptors of every catalogue image; `advance(n)` reports the images described."""
         prototypes = torch.from_numpy(image_descriptors(images, advance))
         return cls(prototypes, dim, temperature, seed)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from moon.config import TrainLoop
-from moon.io.atomic import atomic_dir
+from moon.io.atomic import atomic_dir, atomic_json
 from moon.io.tables import MANIFEST, utc_now
 
 CHECKPOINT = "checkpoint"
@@ -180,5 +180,5 @@ def publish(save: Callable[[Path], object], final: Path, manifest: dict) -> Path
     """Writes a finished model with `save(tmp_dir)` plus its manifest, then renames it to `final`."""
     with atomic_dir(final) as tmp:
         save(tmp)
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "created_at": utc_now()}, indent=2, default=str) + "\n")
+        atomic_json(tmp / MANIFEST, {**manifest, "created_at": utc_now()})
     return Path(final)

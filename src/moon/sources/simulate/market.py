@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from moon import ui
+from moon.io.images import decode
 from moon.sources.simulate import vocab
 from moon.sources.simulate.catalog import (
     COLOUR_NAMES,
@@ -28,7 +29,6 @@ from moon.sources.simulate.catalog import (
     unix_seconds,
 )
 from moon.sources.simulate.render import draw_item
-from moon.io.images import decode
 
 SEARCHABLE_ATTRIBUTES = ("material", "usage", "season", "occasion", "finish")  # first present is used
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from moon import ui
 from moon.config import MoonConfig, WorldConfig
+from moon.errors import UserError
 from moon.io import schema
 from moon.io.tables import TableWriter, has_table, read_manifest, read_table, refuse_to_replace
 from moon.sources.simulate import behaviour, market, vocab
@@ -34,7 +35,6 @@ from moon.sources.simulate.catalog import (
     unix_seconds,
 )
 from moon.sources.simulate.render import PATTERNS
-from moon.errors import UserError
 
 SECTIONS = ("world", "behaviour")  # the config sections whose change makes a new world
 OUTPUTS = ("items", "item_truth", "users", "events")
