@@ -145,3 +145,10 @@ def test_a_config_starts_from_its_base(tmp_path):
     (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(UserError, match="nowhere.yaml not found"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_how_a_stage_runs_is_left_out_of_its_digest():
+    base = load_config()
+    assert load_config(None, ["posttrain.stage1.input_workers=3"]).digest(*POSTTRAIN) == base.digest(*POSTTRAIN)
+    assert load_config(None, ["world.workers=5"]).digest("world") == base.digest("world")
+    assert load_config(None, ["posttrain.stage1.steps=3"]).digest(*POSTTRAIN) != base.digest(*POSTTRAIN)

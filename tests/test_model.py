@@ -11,6 +11,7 @@ from moon.model.backbone import set_bidirectional
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.tokenizer import IMAGE_PAD, SPECIAL_TOKENS
+from moon.model.vision_attention import SameSizeImagesAttention, VisionAttention
 
 CORPUS = ["red cotton shirt", "blue denim jeans size m", "black leather ankle boots", "green ceramic mug"] * 30
 
@@ -108,3 +109,22 @@ def test_bad_sizes_are_refused_with_the_key_to_fix():
     settings = load_config(None, ["model.image_size=60"]).model
     with pytest.raises(UserError, match="model.image_size"):
         Embedder.create(settings, CORPUS)
+
+
+def test_vision_attention_over_same_size_images_in_one_call_matches_qwen2vl_per_image_attention(embedder):
+    attention = next(m for m in embedder.modules() if isinstance(m, SameSizeImagesAttention))
+    generator = torch.Generator().manual_seed(0)
+    patches, dim = 3 * 16, attention.dim
+    hidden = torch.randn(patches, dim, generator=generator)
+    angles = torch.randn(patches, attention.head_dim, generator=generator)
+    rotary = (angles.cos(), angles.sin())
+    same_sizes = torch.tensor([0, 16, 32, 48])
+    mixed_sizes = torch.tensor([0, 8, 32, 48])
+    for bounds in (same_sizes, mixed_sizes):
+        batched = attention(hidden, bounds, rotary)
+        per_image = VisionAttention.forward(attention, hidden, bounds, rotary)
+        torch.testing.assert_close(batched, per_image, atol=1e-5, rtol=1e-5)
+    # attention stays within each image: changing one image leaves the others alone
+    changed = hidden.clone()
+    changed[:16] += 1.0
+    assert torch.equal(attention(changed, same_sizes, rotary)[16:], attention(hidden, same_sizes, rotary)[16:])

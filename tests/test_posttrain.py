@@ -18,13 +18,15 @@ from conftest import TINY_MODEL, TINY_WORLD, free_port, publish_untrained
 from moon.config import load_config
 from moon.errors import UserError
 from moon.io.tables import read_table
+from moon.model.embedder import Embedder
+from moon.model.inputs import prepared_ahead
 from moon.model.views import ItemViews
 from moon.pairs.build import build_pairs
 from moon.run import RunDir
 from moon.train import posttrain as recipe
 from moon.train.augment import augment, cut_out
 from moon.train.distill import NO_TARGET, DescriptorDistillation
-from moon.train.loop import read_log
+from moon.train.loop import Processes, read_log
 
 TRAIN = [
     *TINY_WORLD,
@@ -95,9 +97,9 @@ def test_photos_and_items_with_an_image_are_distilled_toward_the_item_pictured(r
     pairs = pair_table(run_dir, share=0.25, augment_size=32)
     batch = pairs.batch(np.arange(len(pairs))[None, :], 0, 0, np.random.default_rng(0))
     n = len(batch.queries)
-    query_targets, positive_targets = batch.distill_targets[:n].tolist(), batch.distill_targets[n:].tolist()
+    query_targets, positive_targets = batch.targets.distill_targets[:n].tolist(), batch.targets.distill_targets[n:].tolist()
     for i, (query, positive) in enumerate(zip(batch.queries, batch.positives)):
-        pictured = int(batch.positive_keys[i, 0])  # the positive item's catalogue row
+        pictured = int(batch.targets.positive_keys[i, 0])  # the positive item's catalogue row
         assert query_targets[i] == (pictured if query.text is None else NO_TARGET)
         assert positive_targets[i] == (pictured if positive.image is not None else NO_TARGET)
     assert NO_TARGET in query_targets and NO_TARGET in positive_targets  # text queries, text-only items
@@ -142,8 +144,8 @@ def test_catalogue_self_pairs_find_their_own_item_from_an_augmented_image(run_di
     assert added == round(len(plain) / 3)  # a quarter of the whole
     rows = np.arange(len(plain), len(mixed))
     batch = mixed.batch(rows[None, :4], 0, 0, np.random.default_rng(0))
-    assert batch.tasks == [recipe.CATALOGUE_TASK] * 4
-    assert batch.positive_keys[:, 0].tolist() == [0, 1, 2, 3]  # the first items, each its own positive
+    assert batch.targets.tasks == [recipe.CATALOGUE_TASK] * 4
+    assert batch.targets.positive_keys[:, 0].tolist() == [0, 1, 2, 3]  # the first items, each its own positive
     for query, positive in zip(batch.queries, batch.positives):
         assert query.text is None and query.image.size == (32, 32)
         assert positive.text and positive.image is not None  # the served richer-text+image view
@@ -166,8 +168,8 @@ def test_a_fraction_of_a_hard_negative_per_pair_is_a_chance_of_one(run_dir):
     pairs = recipe.PairTable(table, items, recipe.product_keys(run_dir, items))
     with_hard = np.flatnonzero([len(rows) > 0 for rows in pairs.hard_rows])
     batch = pairs.batch(np.resize(with_hard, 400)[None, :], 0, 0.5, np.random.default_rng(0))
-    assert 150 < len(batch.hard_keys) < 250
-    assert len(pairs.batch(with_hard[None, :3], 0, 2, np.random.default_rng(0)).hard_keys) <= 6
+    assert 150 < len(batch.targets.hard_keys) < 250
+    assert len(pairs.batch(with_hard[None, :3], 0, 2, np.random.default_rng(0)).targets.hard_keys) <= 6
 
 
 def test_augmented_views_are_seeded_and_vary():
@@ -279,3 +281,23 @@ def test_two_torchrun_processes_train_as_one_process_on_the_whole_batch(run_dir,
     for key in expected:
         torch.testing.assert_close(weights[key], expected[key], atol=2e-4, rtol=1e-3)
         assert (weights[key] - expected[key]).abs().mean() < 1e-6, key
+
+
+def _same_batches(first, second) -> bool:
+    return all(a.targets.tasks == b.targets.tasks and len(a.inputs) == len(b.inputs)
+               and all(torch.equal(x[key], y[key]) for x, y in zip(a.inputs, b.inputs) for key in x)
+               for a, b in zip(first, second, strict=True))
+
+
+def test_step_inputs_are_the_same_on_any_number_of_workers_and_after_a_resume(run_dir):
+    settings = config("posttrain.stage1.steps=6", "posttrain.stage1.chunk_size=5").posttrain.stage1
+    pairs = pair_table(run_dir, share=0.5, augment_size=32)
+    embedder = Embedder.create(config().model, pairs.items.texts())
+    steps = recipe.StepInputs(pairs, embedder.collate, settings, seed=3, stage=1, processes=Processes())
+    cpu = torch.device("cpu")
+    in_process = list(prepared_ahead(steps, cpu, workers=0))
+    by_workers = list(prepared_ahead(steps, cpu, workers=2))  # real worker processes, interleaved steps
+    resumed = list(prepared_ahead(steps, cpu, start=4, workers=1))
+    assert len(in_process) == 6 and len(in_process[0].inputs) == 4  # 16 inputs in chunks of 5
+    assert _same_batches(in_process, by_workers) and _same_batches(in_process[4:], resumed)
+    assert not _same_batches(in_process[:1], in_process[1:2])  # each step its own pairs and views

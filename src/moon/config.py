@@ -24,6 +24,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# Marks a field that says how a stage runs (processes, workers), never what it makes: it is left
+# out of the config digest, so changing it neither invalidates outputs nor blocks a resume.
+HOW_NOT_WHAT = {"digest": False}
+
+
 class WorldConfig(Section):
     """The simulated catalogue: categories, brands, shops, SPUs with SKU variants, drawn images."""
 
@@ -42,7 +47,8 @@ class WorldConfig(Section):
     )
     image_size: int = Field(96, ge=32, le=1024, description="side in pixels of drawn catalogue images")
     chunk_items: int = Field(1024, gt=0, description="items generated and written per streamed chunk")
-    workers: int = Field(0, ge=0, description="processes drawing image chunks; 0: one per CPU core")
+    workers: int = Field(0, ge=0, description="processes drawing image chunks; 0: one per CPU core",
+                         json_schema_extra=HOW_NOT_WHAT)
 
 
 class BehaviourConfig(Section):
@@ -263,6 +269,12 @@ class PosttrainStage(TrainLoop):
         "the baseline's colour/texture descriptor (moon.train.distill); 0 for a pretrained checkpoint",
     )
     distill_temperature: float = Field(0.02, gt=0, description="softmax temperature of that loss")
+    input_workers: int = Field(
+        -1, ge=-1, description="processes preparing the next steps' inputs (augmentation, collation) while the "
+        "model computes; 0: the training process prepares them itself; -1: one per CPU core the model leaves "
+        "free, at most 8 (none when it trains on the CPU, whose cores its threads use). The data order does not "
+        "depend on it", json_schema_extra=HOW_NOT_WHAT,
+    )
 
 
 class PosttrainConfig(Section):
@@ -315,9 +327,20 @@ class MoonConfig(Section):
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude=_how_not_what(type(self)))
         picked = {key: data[key] for key in ("seed", *sections)}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _how_not_what(section: type[BaseModel]) -> dict:
+    """The `HOW_NOT_WHAT` fields of a section and its sub-sections, as a pydantic `exclude`."""
+    exclude = {}
+    for name, field in section.model_fields.items():
+        if field.json_schema_extra == HOW_NOT_WHAT:
+            exclude[name] = True
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            exclude[name] = _how_not_what(field.annotation)
+    return {name: value for name, value in exclude.items() if value}
 
 
 DEFAULT_CONFIG = "demo.yaml"

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 from moon.config import ModelConfig
 from moon.errors import UserError
 from moon.model.tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, special_ids
+from moon.model.vision_attention import batch_same_size_images
 
 SPATIAL_MERGE = 2  # Qwen2-VL merges 2x2 patches into one LLM token
 TEMPORAL_PATCH = 2  # a still image is one frame repeated over the temporal patch
@@ -78,6 +79,7 @@ def build_backbone(settings: ModelConfig, tokenizer: PreTrainedTokenizerBase, se
         torch.manual_seed(seed)
         model = Qwen2VLModel._from_config(tiny_config(settings, tokenizer), attn_implementation=settings.attn_implementation)
     set_bidirectional(model, settings.bidirectional)
+    batch_same_size_images(model)
     return model
 
 

@@ -19,7 +19,7 @@ from moon import ui
 from moon.config import ModelConfig
 from moon.errors import UserError
 from moon.model.backbone import autocast, build_backbone, grid_side, merged
-from moon.model.inputs import Collator, Input
+from moon.model.inputs import Batches, Collator, Input, prepared_ahead
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
 
 SETTINGS_FILE = "moon_model.json"
@@ -72,13 +72,14 @@ class Embedder(torch.nn.Module):
         self.eval()
         device = next(self.parameters()).device
         out = np.empty((len(inputs), dim), dtype=np.float32)
+        batches = Batches(inputs, batch_size, self.collate)
+        workers = -1 if len(batches) > 2 else 0  # a worker process pays for its start over a few batches
         with torch.inference_mode(), autocast(self.settings, device):
-            for start in range(0, len(inputs), batch_size):
-                chunk = inputs[start : start + batch_size]
-                batch = {key: value.to(device) for key, value in self.collate(chunk).items()}
-                out[start : start + len(chunk)] = self.truncate(self(batch), dim).float().cpu().numpy()
+            for start, batch in zip(range(0, len(inputs), batch_size), prepared_ahead(batches, device, workers=workers)):
+                embeddings = self.truncate(self({key: value.to(device) for key, value in batch.items()}), dim)
+                out[start : start + len(embeddings)] = embeddings.float().cpu().numpy()
                 if advance:
-                    advance(len(chunk))
+                    advance(len(embeddings))
         self.train(was_training)
         return out
 

@@ -13,12 +13,16 @@ most catalogue images are re-staged first ("copy-paste" augmentation): the produ
 cut out of its plain background and pasted, scaled, tilted and off-centre, onto a
 random zoomed-in crop of a scene. All randomness comes from the caller's generator, so
 a resumed run sees the same augmented batches.
+
+Every view starts from the same few thousand catalogue images and scenes, so each process
+keeps them decoded, and the products cut out, for the next time (`CACHED_IMAGES` of each).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -39,14 +43,14 @@ SCENE_ZOOM = (0.3, 0.8)  # side of the scene crop, as a share of the scene's sid
 BACKGROUND_FROM, BACKGROUND_TO = 12.0, 48.0  # colour difference (levels) over which a pixel becomes product
 PLAIN_BACKGROUND = (0.02, 0.9)  # product share of the image for a cut-out to be trusted
 WORK_SIDE = 4  # a catalogue image is cut out at no more than this multiple of the output side
+CACHED_IMAGES = 4096  # decoded images and cut-outs kept per process (each a few hundred KiB at most)
 
 
 def augment(image: bytes | Image.Image, rng: np.random.Generator, size: int,
             scenes: Sequence[bytes] = ()) -> Image.Image:
     """A size x size random view of `image`, as a shopper's photo of it could look."""
-    image = decode(image)
     staged = _restage(image, rng, size, scenes) if len(scenes) and rng.random() < RESTAGED else None
-    image = staged if staged is not None else _resized_crop(image, rng, size)
+    image = staged if staged is not None else _resized_crop(_decoded(image), rng, size)
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if staged is None:  # a staged product is tilted already, in front of a whole scene
@@ -71,14 +75,13 @@ def _resized_crop(image: Image.Image, rng: np.random.Generator, size: int) -> Im
     return image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
 
 
-def _restage(image: Image.Image, rng: np.random.Generator, size: int, scenes: Sequence[bytes]) -> Image.Image | None:
+def _restage(image: bytes | Image.Image, rng: np.random.Generator, size: int,
+             scenes: Sequence[bytes]) -> Image.Image | None:
     """The product of a plain-background image pasted onto a scene; None if it has no plain background."""
-    image = image.copy()
-    image.thumbnail((WORK_SIDE * size, WORK_SIDE * size))  # cut large catalogue photos at a few pixels per output pixel
-    product = cut_out(image)
+    product = _product(image, WORK_SIDE * size)
     if product is None:
         return None
-    scene = _scene_crop(decode(scenes[int(rng.integers(len(scenes)))]), rng, size)
+    scene = _scene_crop(_decoded(scenes[int(rng.integers(len(scenes)))]), rng, size)
     scale = size * rng.uniform(*PRODUCT_SCALE) / max(product.size)
     product = product.resize((max(1, round(product.width * scale)), max(1, round(product.height * scale))),
                              Image.BILINEAR)
@@ -86,6 +89,32 @@ def _restage(image: Image.Image, rng: np.random.Generator, size: int, scenes: Se
     corner = size * (0.5 + rng.uniform(-OFFSET, OFFSET, 2)) - np.array(product.size) / 2
     scene.paste(product, tuple(int(c) for c in corner), product)
     return scene
+
+
+def _decoded(image: bytes | Image.Image) -> Image.Image:
+    """The image decoded, from this process's cache when it is encoded bytes: never change it."""
+    return _decode_once(image) if isinstance(image, bytes) else decode(image)
+
+
+@lru_cache(CACHED_IMAGES)
+def _decode_once(data: bytes) -> Image.Image:
+    return decode(data)
+
+
+def _product(image: bytes | Image.Image, side: int) -> Image.Image | None:
+    """The product cut out of the image at no more than side x side pixels (cached like `_decoded`)."""
+    return _cut_out_once(image, side) if isinstance(image, bytes) else _cut_out_at(image, side)
+
+
+@lru_cache(CACHED_IMAGES)
+def _cut_out_once(data: bytes, side: int) -> Image.Image | None:
+    return _cut_out_at(_decoded(data), side)
+
+
+def _cut_out_at(image: Image.Image, side: int) -> Image.Image | None:
+    image = image.copy()
+    image.thumbnail((side, side))  # cut large catalogue photos at a few pixels per output pixel
+    return cut_out(image)
 
 
 def cut_out(image: Image.Image) -> Image.Image | None:

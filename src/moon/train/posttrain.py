@@ -36,7 +36,7 @@ from moon.io import schema
 from moon.io.tables import has_table, read_table
 from moon.model.backbone import autocast, prepare_for_training
 from moon.model.embedder import Embedder
-from moon.model.inputs import Input
+from moon.model.inputs import Collator, Input, prepared_ahead
 from moon.model.views import ItemViews, query_input
 from moon.run import MODEL_STAGES, RunDir
 from moon.train.augment import augment
@@ -96,13 +96,11 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if start:
         ui.log(f"resuming post-training stage {stage} after step {start}")
 
+    steps = StepInputs(pairs, embedder.collate, settings, config.seed, stage, processes)
     with ui.progress(f"post-train stage {stage}", settings.steps * global_batch, unit="pairs") as advance:
         advance(start * global_batch)
         clock, since = time.perf_counter(), start
-        for step in range(start, settings.steps):
-            indices = global_batch_indices(len(pairs), settings.batch_size, step, config.seed, processes.world_size)
-            rng = np.random.default_rng([config.seed, stage, step])
-            batch = pairs.batch(indices, processes.rank, settings.hard_negatives, rng)
+        for step, batch in enumerate(prepared_ahead(steps, processes.device, start, settings.input_workers), start):
             stats = step_loss(batch, step)
             torch.nn.utils.clip_grad_norm_([*embedder.parameters(), *step_loss.heads], 1.0)
             optim.step()
@@ -165,23 +163,64 @@ def product_keys(run_dir: Path, items: ItemViews) -> torch.Tensor:
 
 
 @dataclass
-class Batch:
-    """One step's global batch: every rank knows all keys, embeds only its own slice."""
+class Targets:
+    """What the loss needs of a step besides the embeddings, for the whole global batch (rank-major)."""
 
-    queries: list[Input]  # this rank's
-    positives: list[Input]  # this rank's
-    hard_negatives: list[Input]  # this rank's share
-    tasks: list[str]  # global, rank-major
-    weights: torch.Tensor  # global
-    positive_keys: torch.Tensor  # global (B, 3)
-    hard_keys: torch.Tensor  # global (H, 3)
-    distill_targets: torch.Tensor  # global (2B,): the catalogue row each query, then each positive, pictures
+    tasks: list[str]
+    weights: torch.Tensor
+    positive_keys: torch.Tensor  # (B, 3)
+    hard_keys: torch.Tensor  # (H, 3)
+    distill_targets: torch.Tensor  # (2B,): the catalogue row each query, then each positive, pictures
 
-    def own(self, rank: int) -> Batch:
-        """The batch as if this rank's pairs were all there are (the hard negatives stay global)."""
-        mine = slice(rank * len(self.queries), (rank + 1) * len(self.queries))
+    def own(self, rank: int, local_pairs: int) -> Targets:
+        """As if this rank's pairs were all there are (the hard negatives stay global)."""
+        mine = slice(rank * local_pairs, (rank + 1) * local_pairs)
         return replace(self, tasks=self.tasks[mine], weights=self.weights[mine], positive_keys=self.positive_keys[mine],
                        distill_targets=self.distill_targets.reshape(2, -1)[:, mine].reshape(-1))
+
+
+@dataclass
+class PairInputs:
+    """One step's pairs as the embedder's inputs: this rank's slice, and every rank's targets."""
+
+    queries: list[Input]
+    positives: list[Input]
+    hard_negatives: list[Input]  # this rank's share
+    targets: Targets
+
+    def collated(self, collate: Collator, chunk_size: int = 0) -> Batch:
+        return Batch(len(self.queries), _collated(self.queries + self.positives, collate, chunk_size),
+                     _collated(self.hard_negatives, collate, chunk_size), self.targets)
+
+
+@dataclass
+class Batch:
+    """One step, ready for the model: this rank's inputs as tensors, in chunks of `chunk_size`
+    inputs (GradCache; one chunk when 0), and every rank's targets."""
+
+    local_pairs: int
+    inputs: list[dict[str, torch.Tensor]]  # this rank's queries, then its positives
+    hard_negatives: list[dict[str, torch.Tensor]]
+    targets: Targets
+
+
+class StepInputs(torch.utils.data.Dataset):
+    """Step s's batch for this rank, a pure function of (seed, stage, s): the same on any number of
+    input workers, and the same again when a run resumes at s."""
+
+    def __init__(self, pairs: PairTable, collate: Collator, settings: PosttrainStage, seed: int, stage: int,
+                 processes: Processes):
+        self.pairs, self.collate, self.settings = pairs, collate, settings
+        self.seed, self.stage, self.rank, self.world_size = seed, stage, processes.rank, processes.world_size
+
+    def __len__(self) -> int:
+        return self.settings.steps
+
+    def __getitem__(self, step: int) -> Batch:
+        indices = global_batch_indices(len(self.pairs), self.settings.batch_size, step, self.seed, self.world_size)
+        rng = np.random.default_rng([self.seed, self.stage, step])
+        pairs = self.pairs.batch(indices, self.rank, self.settings.hard_negatives, rng)
+        return pairs.collated(self.collate, self.settings.chunk_size)
 
 
 class PairTable:
@@ -235,7 +274,7 @@ class PairTable:
         """The pairs' query texts, e.g. for a tokenizer trained on them."""
         return [text for text in self.query_texts if text]
 
-    def batch(self, indices: np.ndarray, rank: int, hard_per_pair: float, rng: np.random.Generator) -> Batch:
+    def batch(self, indices: np.ndarray, rank: int, hard_per_pair: float, rng: np.random.Generator) -> PairInputs:
         """`indices` is the global batch, (ranks, pairs per rank); `rank` says which row is ours.
         Hard negatives are drawn for every rank from one seeded stream, so all ranks agree."""
         flat = indices.reshape(-1)
@@ -244,15 +283,18 @@ class PairTable:
         mine = indices[rank]
         my_hard = [(int(i), row) for i, rows in zip(mine, hard[rank * len(mine) : (rank + 1) * len(mine)]) for row in rows]
         hard_rows = np.array([row for rows in hard for row in rows], dtype=np.int64)
-        return Batch(
+        return PairInputs(
             queries=[self._query(int(i), view) for i, view in zip(mine, views)],
             positives=[self.items.input(self.positive_rows[i], self.item_views[i]) for i in mine],
             hard_negatives=[self.items.input(row, self.item_views[i]) for i, row in my_hard],
-            tasks=[self.tasks[i] for i in flat],
-            weights=self.weights[flat],
-            positive_keys=self.keys[self.positive_rows[flat]],
-            hard_keys=self.keys[hard_rows] if len(hard_rows) else self.keys[:0],
-            distill_targets=torch.from_numpy(np.concatenate([self.query_pictures[flat], self.positive_pictures[flat]])),
+            targets=Targets(
+                tasks=[self.tasks[i] for i in flat],
+                weights=self.weights[flat],
+                positive_keys=self.keys[self.positive_rows[flat]],
+                hard_keys=self.keys[hard_rows] if len(hard_rows) else self.keys[:0],
+                distill_targets=torch.from_numpy(np.concatenate([self.query_pictures[flat],
+                                                                 self.positive_pictures[flat]])),
+            ),
         )
 
     def _query(self, i: int, view_seed: int) -> Input:
@@ -291,29 +333,30 @@ class ContrastiveStep:
     def __call__(self, batch: Batch, step: int) -> dict:
         device = self.processes.device
         spatial = self.settings.spatial_negatives
-        pairs = batch if spatial else batch.own(self.processes.rank)
+        targets = batch.targets if spatial else batch.targets.own(self.processes.rank, batch.local_pairs)
         gather = gather_from_ranks if spatial else _itself
         hard = self._hard_negatives(batch)
         queued, queued_keys = self.queue.get(step)
-        candidate_keys = torch.cat([k for k in (pairs.positive_keys, batch.hard_keys, queued_keys) if k is not None])
-        masked = _same_product(pairs.positive_keys, candidate_keys).to(device)
+        keys = (targets.positive_keys, batch.targets.hard_keys, queued_keys)
+        candidate_keys = torch.cat([k for k in keys if k is not None])
+        masked = _same_product(targets.positive_keys, candidate_keys).to(device)
         parts: LossParts | None = None
         positives: torch.Tensor | None = None
 
         def loss(embeddings: torch.Tensor) -> torch.Tensor:
             nonlocal parts, positives
-            b = len(batch.queries)
-            queries, positives = gather(embeddings[:b]), gather(embeddings[b:])
+            queries, positives = gather(embeddings[: batch.local_pairs]), gather(embeddings[batch.local_pairs :])
             candidates = torch.cat([c for c in (positives, hard, queued) if c is not None])
-            value, parts = self.loss(queries, candidates, positives, pairs.tasks, pairs.weights.to(device), masked,
-                                     pairs.distill_targets.to(device))
+            value, parts = self.loss(queries, candidates, positives, targets.tasks, targets.weights.to(device), masked,
+                                     targets.distill_targets.to(device))
             return value * self.scale
 
-        self._forward_backward(batch.queries + batch.positives, loss)
+        self._forward_backward(batch.inputs, loss)
         self._reduce_head_gradients()
         # The queue takes every rank's positives either way, so it is the same on every rank.
-        self.queue.push(positives if spatial else gather_from_ranks(positives.detach()), batch.positive_keys, step)
-        return self._stats(pairs.tasks, parts, masked)
+        self.queue.push(positives if spatial else gather_from_ranks(positives.detach()), batch.targets.positive_keys,
+                        step)
+        return self._stats(targets.tasks, parts, masked)
 
     def _reduce_head_gradients(self) -> None:
         """DDP leaves the heads alone. With spatial negatives every rank has the same gradient for
@@ -331,13 +374,12 @@ class ContrastiveStep:
                 dist.all_reduce(parameter.grad)
                 parameter.grad /= world_size
 
-    def _forward_backward(self, inputs: list[Input], loss) -> None:
-        collate, device = self.embedder.collate, self.processes.device
-        chunk = self.settings.chunk_size
-        if not chunk or chunk >= len(inputs):
-            loss(self._encode(_to(collate(inputs), device))).backward()
+    def _forward_backward(self, chunks: list[dict[str, torch.Tensor]], loss) -> None:
+        device = self.processes.device
+        if len(chunks) == 1:
+            loss(self._encode(_to(chunks[0], device))).backward()
             return
-        chunks = [_to(collate(inputs[i : i + chunk]), device) for i in range(0, len(inputs), chunk)]
+        chunks = [_to(chunk, device) for chunk in chunks]
         grad_cache_step(self._encode, [chunks], loss, getattr(self.model, "no_sync", nullcontext))
 
     def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -348,13 +390,11 @@ class ContrastiveStep:
     @torch.no_grad()
     def _hard_negatives(self, batch: Batch) -> torch.Tensor | None:
         """Hard negatives, embedded without gradient by each rank and shared with all."""
-        if not len(batch.hard_keys):
+        if not len(batch.targets.hard_keys):
             return None
-        chunk = self.settings.chunk_size or len(batch.hard_negatives) or 1
-        local = [self._encode(_to(self.embedder.collate(batch.hard_negatives[i : i + chunk]), self.processes.device))
-                 for i in range(0, len(batch.hard_negatives), chunk)]
+        local = [self._encode(_to(chunk, self.processes.device)) for chunk in batch.hard_negatives]
         local = torch.cat(local) if local else torch.empty(0, self.embedder.dim, device=self.processes.device)
-        return gather_uneven(local, len(batch.hard_keys))
+        return gather_uneven(local, len(batch.targets.hard_keys))
 
     def _stats(self, tasks: list[str], parts: LossParts, masked: torch.Tensor) -> dict:
         """The loss and its parts as this rank computed them, so without spatial negatives its own pairs'."""
@@ -368,6 +408,12 @@ class ContrastiveStep:
         if parts.distill is not None:
             stats["distill_loss"] = float(parts.distill)
         return stats
+
+
+def _collated(inputs: list[Input], collate: Collator, chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """`inputs` as model tensors, in chunks of `chunk_size` (0: one chunk); none for no inputs."""
+    chunk = chunk_size or len(inputs) or 1
+    return [collate(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)]
 
 
 def _itself(local: torch.Tensor) -> torch.Tensor:
