@@ -3,7 +3,7 @@
 achieved FLOP/s against this machine's matmul peak measured in the same run, and the share of
 the time spent building model inputs (image decoding, tokenising) rather than in the model.
 
-    python benchmarks/embed.py [--run-dir runs/demo] [--items 512]
+    python benchmarks/embed.py [--run-dir runs/demo] [--items 2000]
 
 Needs a run directory with an items table (`moon demo` makes runs/demo). The model is the tiny
 preset (the embedded demo config), untrained: speed does not depend on the weights. Prints JSON
@@ -26,6 +26,7 @@ from moon import ui
 from moon.config import load_config
 from moon.io.tables import dataset
 from moon.model.embedder import Embedder
+from moon.model.inputs import forget_images
 from moon.model.views import ItemViews
 from moon.represent.batch import encode_items, read_rows
 
@@ -45,6 +46,7 @@ def encode(model: Embedder, items: pa.Table, batch_size: int) -> np.ndarray:
 def items_per_second(model: Embedder, items: pa.Table, batch_size: int) -> tuple[float, float]:
     """(items/s, seconds) of one pass over `items`, after a one-batch warm-up."""
     encode(model, items.slice(0, batch_size), batch_size)
+    forget_images()  # `moon embed` sees each item once
     start = time.perf_counter()
     encode(model, items, batch_size)
     seconds = time.perf_counter() - start
@@ -54,6 +56,7 @@ def items_per_second(model: Embedder, items: pa.Table, batch_size: int) -> tuple
 def input_seconds(model: Embedder, items: pa.Table, batch_size: int) -> float:
     """Seconds of one pass that only builds the model inputs (item texts, image decoding and resizing,
     tokenising): the part of the embedding time no matmul speeds up."""
+    forget_images()
     start = time.perf_counter()
     views = ItemViews(items)
     for first in range(0, len(views), batch_size):
@@ -71,16 +74,16 @@ def total_flops(model: Embedder, items: pa.Table, batch_size: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--items", type=int, default=512, help="catalogue items to embed (the first ones)")
+    parser.add_argument("--items", type=int, default=2000, help="catalogue items to embed (the first ones)")
     args = parser.parse_args()
     ui.set_quiet(True)
     catalogue = dataset(Path(args.run_dir), "items")
     items = read_rows(catalogue, np.arange(min(args.items, catalogue.count_rows())))
-    peak = matmul_peak()
-    print(json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1)}))
-
     model, batch_size = embedder(items, [])
+    peak = matmul_peak()
     rate, seconds = items_per_second(model, items, batch_size)
+    peak = max(peak, matmul_peak())  # the best of before and after: a slow spell of the machine is not the peak
+    print(json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1)}))
     inputs = input_seconds(model, items, batch_size)
     print(json.dumps({"items": items.num_rows, "batch_size": batch_size, "seconds": round(seconds, 2),
                       "items_per_s": round(rate, 1), "input_building_share": round(inputs / seconds, 3)}))

@@ -293,7 +293,10 @@ class StoreConfig(Section):
     partitions: int = Field(
         16, gt=0, description="shards a version's catalogue is split into: the unit of resume and of work per process"
     )
-    batch_size: int = Field(64, gt=0, description="items embedded per forward pass")
+    batch_size: int = Field(
+        256, gt=0, description="items embedded per forward pass (on 2 CPU cores the tiny model embeds fastest at "
+        "256: about 10% more items/s than at 64 or 512)",
+    )
 
 
 class EvalConfig(Section):
