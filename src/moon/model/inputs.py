@@ -13,6 +13,7 @@ and each process keeps the catalogue's images decoded at the model's size once s
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ class Batches(Dataset):
         self.inputs, self.batch_size, self.collate = inputs, batch_size, collate
 
     def __len__(self) -> int:
-        return -(-len(self.inputs) // self.batch_size)
+        return math.ceil(len(self.inputs) / self.batch_size)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.collate(self.inputs[index * self.batch_size : (index + 1) * self.batch_size])
