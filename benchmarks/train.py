@@ -11,8 +11,8 @@ reported). Also the achieved FLOP/s of the plain step against this machine's mat
 its training log (the first logged interval, which starts the workers, left out). The bare
 step is the same model, loss and optimiser on the same steps' inputs prepared beforehand.
 
-    python benchmarks/train.py [--run-dir runs/demo] [--steps 20] [--repeats 3]
-    python benchmarks/train.py --loop [--run-dir runs/demo] [--steps 120] [posttrain.stage1.input_workers=0 ...]
+    python benchmarks/train.py [--run-dir runs/demo] [--steps 40] [--repeats 3]
+    python benchmarks/train.py --loop [--run-dir runs/demo] [--steps 150] [posttrain.stage1.input_workers=1 ...]
 
 Needs a run directory with pair tables (`moon demo` makes runs/demo). Prints JSON lines;
 the last is the headline.
@@ -171,15 +171,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--loop", action="store_true", help="the whole post-training loop against the bare step")
-    parser.add_argument("--steps", type=int, help="timed steps per run (default 20; --loop: 120)")
+    parser.add_argument("--steps", type=int, help="timed steps per run (default 40; --loop: 150)")
     parser.add_argument("--repeats", type=int, default=3, help="runs, alternated with their baseline")
     parser.add_argument("overrides", nargs="*", help="config overrides for the loop and its bare step")
     args = parser.parse_args()
     ui.set_quiet(True)
     if args.loop:
-        whole_loop(Path(args.run_dir), args.steps or 120, args.repeats, args.overrides)
+        whole_loop(Path(args.run_dir), args.steps or 150, args.repeats, args.overrides)
     else:
-        stage2_extras(Path(args.run_dir), args.steps or 20, args.repeats)
+        stage2_extras(Path(args.run_dir), args.steps or 40, args.repeats)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ a temperature and a weight per task, false negatives (same item, same SPU, same
 near-duplicate group) masked, at every Matryoshka dimension, plus the descriptor
 distillation.
 
-One step embeds the queries and positives of this rank's slice of the global batch in
-one forward pass (so DDP sees each parameter once), in GradCache chunks when
-`chunk_size` is set. Launch `torchrun --nproc_per_node N -m moon posttrain ...` to train
+Step s's inputs (`StepInputs[s]`: the pairs, their augmented views, collated) are a pure
+function of (seed, stage, s), so `input_workers` can build the next steps while the model
+computes without changing them. One step embeds the queries and positives of this rank's
+slice of the global batch in one forward pass (so DDP sees each parameter once), in
+GradCache chunks when `chunk_size` is set. Launch `torchrun --nproc_per_node N -m moon posttrain ...` to train
 data-parallel; the data order, and therefore the result, depends only on the seed (and,
 with `spatial_negatives: false`, on the number of processes: each rank's loss is then
 over its own pairs).
