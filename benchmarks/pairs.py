@@ -1,12 +1,15 @@
-"""Pair-building speed and memory on a large simulated log: events/s of stage 1 and stage 2, peak RSS.
+"""Pair-building speed and memory on large simulated logs: events/s of stage 1 and stage 2, peak RSS.
 
 The log is the default simulated world's behaviour log, replayed by more users (each copy
-gets its own user and session ids) until it holds --events rows. Baseline measured in the
-same run: a plain streamed scan of the same events columns (the floor of reading the log).
+gets its own user and session ids) until it holds --events rows; one run measures every
+size given (10 and 30 million events by default). `moon pairs` runs in a child process
+per size, so its peak RSS (ru_maxrss) is its own. Baselines measured in the same run: a
+plain streamed scan of the same events columns (the floor of reading the log), and the
+smallest log's peak RSS (memory should stay flat as the log grows: `peak_rss_vs_smallest`).
 Prints one JSON object per line; the last line is the headline.
 
-    python benchmarks/pairs.py                      # 10 million events
-    python benchmarks/pairs.py --events 1000000
+    python benchmarks/pairs.py                            # 10 and 30 million events
+    python benchmarks/pairs.py --events 1000000 3000000
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,36 +73,57 @@ def scan_events_per_s(run_dir: Path) -> float:
     return rows / (time.perf_counter() - started)
 
 
+def measure(world: Path, run_dir: Path, size: int) -> dict:
+    """Replays the log to `size` events, then times a streamed scan and `moon pairs` on it."""
+    events = replay_log(world, run_dir, size)
+    scan = scan_events_per_s(run_dir)
+    print(json.dumps({"baseline": "streamed scan of the events", "events": events, "events_per_s": round(scan)}), flush=True)
+    child = subprocess.Popen([sys.executable, "-c", RUN_PAIRS, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise SystemExit(f"moon pairs failed on {events:,} events (status {status})")
+    seconds = json.loads(output.strip().splitlines()[-1])
+    stage1 = events / (seconds["read log"] + seconds["stage 1"])
+    stage2 = events / (seconds["near duplicates"] + seconds["stage 2"])
+    result = {
+        "events": events,
+        "seconds": seconds,
+        "stage1_events_per_s": round(stage1),
+        "stage2_events_per_s": round(stage2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "stage1_vs_scan": round(stage1 / scan, 3),
+        "stage2_vs_scan": round(stage2 / scan, 3),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--events", type=int, nargs="+", default=[10_000_000, 30_000_000],
+                        help="log sizes to measure, smallest first")
     args = parser.parse_args()
     from moon import ui
     from moon.config import load_config
     from moon.sources.simulate.write import simulate
 
     ui.set_quiet(True)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        world, run_dir = Path(tmp) / "world", Path(tmp) / "run"
+        world = Path(tmp) / "world"
         simulate(load_config(), world)
-        events = replay_log(world, run_dir, args.events)
-        scan = scan_events_per_s(run_dir)
-        print(json.dumps({"baseline": "streamed scan of the events", "events": events, "events_per_s": round(scan)}), flush=True)
-        child = subprocess.Popen([sys.executable, "-c", RUN_PAIRS, str(run_dir)], stdout=subprocess.PIPE, text=True)
-        output = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        if status != 0:
-            raise SystemExit(f"moon pairs failed (status {status})")
-        seconds = json.loads(output.strip().splitlines()[-1])
-    print(json.dumps({"seconds": seconds}), flush=True)
-    stage1 = events / (seconds["read log"] + seconds["stage 1"])
-    stage2 = events / (seconds["near duplicates"] + seconds["stage 2"])
+        for size in sorted(args.events):
+            run_dir = Path(tmp) / f"run-{size}"
+            results.append(measure(world, run_dir, size))
+            shutil.rmtree(run_dir)  # one replayed log on disk at a time
+    smallest = results[0]
     print(json.dumps({
-        "events": events,
-        "stage1_events_per_s": round(stage1),
-        "stage2_events_per_s": round(stage2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "stage1_vs_scan": round(stage1 / scan, 3),
+        "events": [r["events"] for r in results],
+        "peak_rss_mb": [r["peak_rss_mb"] for r in results],
+        "peak_rss_vs_smallest": [round(r["peak_rss_mb"] / smallest["peak_rss_mb"], 3) for r in results],
+        "stage1_vs_scan": [r["stage1_vs_scan"] for r in results],
+        "stage2_vs_scan": [r["stage2_vs_scan"] for r in results],
     }))
 
 

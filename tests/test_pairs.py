@@ -242,3 +242,49 @@ def test_unknown_mix_task_is_refused():
 
     with pytest.raises(UserError, match=r"'pairs.mix'.*unknown tasks \['text->video'\]"):
         load_config(None, ["pairs.mix.text->video=0.5"])
+
+
+def test_tiny_batches_and_many_spill_parts_build_the_same_tables(tiny_world, tmp_path, monkeypatch):
+    """The log streams through session parts, time buckets and read batches sized from
+    pairs.batch_rows: cut into many small pieces, it must give exactly the same tables."""
+    import shutil
+
+    from moon.pairs import log as pair_log
+    from moon.pairs import stage2
+    from moon.pairs.build import OUTPUTS
+
+    parts = []
+
+    class CountedSpill(pair_log.Spill):
+        def __init__(self, folder, table_schema, count):
+            super().__init__(folder, table_schema, count)
+            parts.append(count)
+
+    monkeypatch.setattr(pair_log, "Spill", CountedSpill)
+    built = {}
+    for name, overrides in {"default": [], "tiny": ["pairs.batch_rows=37"]}.items():
+        if name == "tiny":
+            monkeypatch.setattr(stage2, "DESCRIBE_BLOCK", 5)
+        run = tmp_path / name
+        shutil.copytree(tiny_world, run)
+        parts.clear()
+        accounting = build_pairs(load_config(None, ["pairs.valid_days=1", "pairs.test_days=2", *overrides]), run)
+        built[name] = ({table: read_table(run, table) for table in OUTPUTS}, accounting.steps, max(parts))
+        assert not [p.name for p in run.iterdir() if p.name.startswith(".pairs-work")], "work folder removed"
+    (default, default_steps, default_parts), (tiny, tiny_steps, tiny_parts) = built["default"], built["tiny"]
+    assert default_parts == 1 and tiny_parts > 20  # one part each vs. many session parts and time buckets
+    assert tiny_steps == default_steps
+    for table in OUTPUTS:
+        assert tiny[table].num_rows > 0 and tiny[table].equals(default[table]), table
+
+
+def test_an_item_missing_from_the_catalogue_is_a_user_error_and_leaves_no_work_files(tmp_path):
+    from moon.errors import UserError
+
+    log = Log()
+    log.session(0, "red dress", [("d1", "click"), ("x9", "purchase")])
+    run = log.write(tmp_path)
+    with pytest.raises(UserError, match="names item x9 that the items table lacks"):
+        run_pairs(run)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".pairs-work")]
+    assert not RunDir(run).has_table("pairs_stage1")

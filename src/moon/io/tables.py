@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -84,6 +85,23 @@ def table_path(run_dir: Path, name: str) -> Path:
 def dataset(run_dir: Path, name: str) -> ds.Dataset:
     path = table_path(run_dir, name)
     return ds.dataset(sorted(path.glob("part-*.parquet")), format="parquet")
+
+
+def read_batches(source: ds.FileSystemDataset | pa.Table, columns: list[str] | None, rows: int) -> Iterator[pa.Table]:
+    """A table's rows in order, up to `rows` at a time, each read when the caller asks for it.
+
+    A dataset scanner decodes ahead of a slow consumer (hundreds of megabytes when the rows
+    hold photos); this reads the files in turn with a pull reader, so memory holds about one batch.
+    """
+    if isinstance(source, pa.Table):
+        batches = source.select(columns or source.column_names).to_batches(max_chunksize=rows)
+        yield from (pa.Table.from_batches([batch]) for batch in batches if batch.num_rows)
+        return
+    for path in source.files:
+        with pq.ParquetFile(path) as file:
+            for batch in file.iter_batches(batch_size=rows, columns=columns):
+                if batch.num_rows:
+                    yield pa.Table.from_batches([batch])
 
 
 def read_table(run_dir: Path, name: str, columns: list[str] | None = None) -> pa.Table:

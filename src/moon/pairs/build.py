@@ -3,7 +3,9 @@
 1. Interactions: the click, cart and purchase rows of `events`, streamed in batches (the
    impressions only feed per-item exposure counts); one interaction per (session, item),
    carrying its strongest action. Every interaction gets a split by event day: the last
-   `test_days` are test, the `valid_days` before them valid, the rest train.
+   `test_days` are test, the `valid_days` before them valid, the rest train. They are
+   kept on disk in time order in a work folder and every later step streams them, so
+   memory does not grow with the log (`log.py`, `spill.py`).
 2. Stage 1 (`pairs_stage1`): MOON's nine query->item tasks from clicks, carts and
    purchases. A text query gives four tasks, a user photo three, and two items a user
    interacted with in one session give the two item-as-query tasks (the earlier item is
@@ -29,7 +31,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +42,20 @@ import pyarrow.compute as pc
 from moon import ui
 from moon.config import MoonConfig
 from moon.io import schema
-from moon.io.tables import TableWriter, read_table
+from moon.io.tables import TableWriter
 from moon.pairs.accounting import Accounting, Step
 from moon.pairs.duplicates import near_duplicate_groups
 from moon.pairs.eval_set import image_search_eval_set
-from moon.pairs.log import Catalogue, read_interactions
+from moon.pairs.log import Catalogue, blocks, read_interactions
+from moon.pairs.spill import work_folder
 from moon.pairs.stage1 import stage1_pairs
 from moon.pairs.stage2 import similarity_embedder, stage2_pairs
 from moon.run import RunDir
 
 SECTIONS = ("world", "behaviour", "ingest", "pairs")  # the pairs, and what made the log they read
 OUTPUTS = ("pairs_stage1", "pairs_stage2", "eval_image_search", "near_duplicates")
+SHARD_ROWS = 65_536
+SHARD_BYTES = 32 << 20
 
 
 def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
@@ -57,32 +63,52 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
     settings = config.pairs
     accounting = Accounting()
     clock = Clock()
-    items = read_table(run_dir, "items")
-    catalogue = Catalogue.of(items)
-    log = read_interactions(run_dir, settings, catalogue, accounting)
-    clock.lap("read log")
+    catalogue = Catalogue.read(run_dir)
     rng = np.random.default_rng([config.seed, 11])
     common = {"stage": "pairs", "config_digest": config.digest(*SECTIONS), "seed": config.seed}
+    with _returning_memory_pool(), work_folder(run_dir) as work:
+        log = read_interactions(run_dir, settings, catalogue, accounting, work)
+        clock.lap("read log")
+        _write_pairs(run_dir, "pairs_stage1", stage1_pairs(log, settings, rng, accounting), common, accounting)
+        clock.lap("stage 1")
 
-    _write_pairs(run_dir, "pairs_stage1", stage1_pairs(log, settings, rng, accounting, run_dir), common, accounting)
-    clock.lap("stage 1")
+        duplicates = near_duplicate_groups(catalogue.source, settings.phash_distance, settings.title_similarity, config.seed)
+        groups = {"items": duplicates.num_rows, "groups": pc.count_distinct(duplicates["group_id"]).as_py()}
+        accounting.totals["near duplicates"] = groups
+        _write(run_dir, "near_duplicates", [duplicates], common, rows_as="items", groups=groups["groups"])
+        clock.lap("near duplicates")
+        embedder = similarity_embedder(settings, catalogue.items, log.query_texts())
+        stage2 = stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir)
+        _write_pairs(run_dir, "pairs_stage2", stage2, common, accounting)
+        clock.lap("stage 2")
 
-    duplicates = near_duplicate_groups(items, settings.phash_distance, settings.title_similarity, config.seed)
-    groups = {"items": duplicates.num_rows, "groups": pc.count_distinct(duplicates["group_id"]).as_py()}
-    accounting.totals["near duplicates"] = groups
-    _write(run_dir, "near_duplicates", duplicates, common, **groups)
-    clock.lap("near duplicates")
-    embedder = similarity_embedder(settings, items, log.interactions)
-    stage2 = stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir, items)
-    _write_pairs(run_dir, "pairs_stage2", [stage2], common, accounting)
-    clock.lap("stage 2")
-
-    evaluation = image_search_eval_set(log, catalogue, run_dir, settings, accounting)
-    _write(run_dir, "eval_image_search", evaluation, common, queries=evaluation.num_rows)
-    clock.lap("evaluation set")
+        evaluation = image_search_eval_set(log, catalogue, accounting)
+        _write(run_dir, "eval_image_search", evaluation, common, rows_as="queries")
+        clock.lap("evaluation set")
     accounting.totals["seconds"] = clock.laps
     accounting.write(RunDir(run_dir).pairs_stats)
     return accounting
+
+
+@contextmanager
+def _returning_memory_pool() -> Iterator[None]:
+    """Arrow allocates from jemalloc during the build, where pyarrow has it.
+
+    Batches of photos pass through by the thousand; mimalloc (pyarrow's default) keeps
+    freed pages of them per thread, so resident memory crept up with the log (peak 600 MB
+    at 10M events, 725 MB at 30M), while jemalloc hands them back (500 and 530 MB).
+    """
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        yield
+        return
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
 
 
 class Clock:
@@ -98,26 +124,49 @@ class Clock:
         self.last = now
 
 
-def _write(run_dir: Path, name: str, table: pa.Table, common: dict, **manifest) -> None:
+def _write(run_dir: Path, name: str, parts: Iterable[pa.Table], common: dict, *, rows_as: str, **manifest) -> None:
+    """Writes a table from its parts; the manifest counts its rows under `rows_as`."""
     with TableWriter(run_dir, name, schema.TABLES[name]) as writer:
-        for start in range(0, table.num_rows, 65_536):
-            writer.write(table.slice(start, 65_536))
-        writer.commit(**common, **manifest)
+        _write_shards(writer, parts)
+        writer.commit(**common, **{rows_as: writer.rows}, **manifest)
 
 
 def _write_pairs(run_dir: Path, name: str, parts: Iterable[pa.Table], common: dict, accounting: Accounting) -> None:
-    """Writes pair tables as they come (one task at a time for stage 1), counting rows per split and task."""
+    """Writes pair tables as they come, counting rows per split and task."""
     splits: Counter = Counter()
     tasks: Counter = Counter()
-    with TableWriter(run_dir, name, schema.PAIRS) as writer:
+
+    def counted(parts: Iterable[pa.Table]) -> Iterator[pa.Table]:
         for part in parts:
-            splits.update(part["split"].to_pylist())
-            tasks.update(part["task"].to_pylist())
-            for start in range(0, part.num_rows, 65_536):
-                writer.write(part.slice(start, 65_536))
+            splits.update(_value_counts(part["split"]))
+            tasks.update(_value_counts(part["task"]))
+            yield part
+
+    with TableWriter(run_dir, name, schema.PAIRS) as writer:
+        _write_shards(writer, counted(parts))
         counts = {"splits": {split: splits[split] for split in schema.SPLITS}, "tasks": dict(tasks)}
         writer.commit(**common, **counts)
     accounting.totals[name] = {**counts["splits"], **{f"task {t}": n for t, n in tasks.items()}}
+
+
+def _write_shards(writer: TableWriter, parts: Iterable[pa.Table]) -> None:
+    """Gathers the parts (streamed batches give small ones) into shards of at most SHARD_ROWS rows
+    and, unless one part is larger, SHARD_BYTES (rows with photos are large)."""
+    pending: list[pa.Table] = []
+    rows = size = 0
+    for part in parts:
+        if pending and (rows + part.num_rows > SHARD_ROWS or size + part.nbytes > SHARD_BYTES):
+            for shard in blocks(pending, SHARD_ROWS):
+                writer.write(shard)
+            pending, rows, size = [], 0, 0
+        pending.append(part)
+        rows, size = rows + part.num_rows, size + part.nbytes
+    for shard in blocks(pending, SHARD_ROWS):
+        writer.write(shard)
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    return {entry["values"]: entry["counts"] for entry in pc.value_counts(column).to_pylist()}
 
 
 def print_report(run_dir: Path) -> None:

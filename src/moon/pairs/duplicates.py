@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import imagehash
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 from datasketch import MinHash, MinHashLSH
 from PIL import Image
 from scipy.sparse import coo_matrix
@@ -34,6 +35,7 @@ from scipy.sparse.csgraph import connected_components
 from moon import ui
 from moon.io import schema
 from moon.io.images import decode
+from moon.io.tables import read_batches
 from moon.pairs.entities import words
 
 HASH_BITS = 64
@@ -44,6 +46,7 @@ NUM_PERM = 128
 # LSH bands tuned to miss few pairs at the threshold (about 1.6% at exactly the threshold)
 # at the price of more candidates: every candidate is checked exactly, so those are cheap.
 LSH_WEIGHTS = (0.01, 0.99)  # weights of false positives and false negatives
+IMAGE_CHUNK = 2048  # images read and hashed at once
 PAIR_BLOCK = 16_384  # candidate pairs whose thumbnails are compared at once
 _POPCOUNT8 = np.array([v.bit_count() for v in range(256)], np.uint8)
 
@@ -58,30 +61,34 @@ class Fingerprints:
     title_words: list[frozenset[str]]
 
 
-def near_duplicate_groups(items: pa.Table, phash_distance: int, title_similarity: float, seed: int = 0) -> pa.Table:
+def near_duplicate_groups(
+    items: pa.Table | ds.FileSystemDataset, phash_distance: int, title_similarity: float, seed: int = 0
+) -> pa.Table:
     """Items that share a near-identical image or title with another item (schema NEAR_DUPLICATES).
 
-    Only members of groups of two or more are listed. `group_id` is the group's smallest
-    item_id; `by` says which relations linked the item: image, title or image+title.
+    `items` is a table, or a dataset whose images are read a chunk at a time. Only members
+    of groups of two or more are listed. `group_id` is the group's smallest item_id; `by`
+    says which relations linked the item: image, title or image+title.
     """
     prints = fingerprints(items)
     image_pairs = image_duplicate_pairs(prints, phash_distance)
     title_pairs = title_duplicate_pairs(prints.title_words, title_similarity, seed)
-    return group_table(items["item_id"].to_numpy(zero_copy_only=False), image_pairs, title_pairs)
+    return group_table(_column(items, "item_id").to_numpy(zero_copy_only=False), image_pairs, title_pairs)
 
 
-def fingerprints(items: pa.Table) -> Fingerprints:
+def fingerprints(items: pa.Table | ds.FileSystemDataset) -> Fingerprints:
     """Decodes every image once (with a progress bar) for its phash and thumbnail; splits every title."""
-    n = items.num_rows
+    titles = _column(items, "title").to_pylist()
+    n = len(titles)
     prints = Fingerprints(
         phash=np.zeros(n, np.uint64),
         thumbnail=np.zeros((n, THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), np.uint8),
         decoded=np.zeros(n, bool),
-        title_words=[frozenset(words(title or "")) for title in items["title"].to_pylist()],
+        title_words=[frozenset(words(title or "")) for title in titles],
     )
     row = 0
     with ui.progress("hashing images", n) as advance:
-        for batch in items.select(["image"]).to_batches(max_chunksize=2048):
+        for batch in read_batches(items, ["image"], IMAGE_CHUNK):
             for data in batch.column(0).to_pylist():
                 image = _decode(data)
                 if image is not None:
@@ -91,6 +98,10 @@ def fingerprints(items: pa.Table) -> Fingerprints:
                 row += 1
             advance(batch.num_rows)
     return prints
+
+
+def _column(items: pa.Table | ds.FileSystemDataset, name: str) -> pa.ChunkedArray:
+    return items[name] if isinstance(items, pa.Table) else items.to_table(columns=[name])[name]
 
 
 def _decode(data: bytes | None) -> Image.Image | None:

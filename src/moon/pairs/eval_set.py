@@ -2,34 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from moon.io import schema
-from moon.pairs.log import session_photos, with_photos
+
+TEST = {"split": "test"}
+TEST_PHOTO = {**TEST, "image_query": True}
+CHOSEN = {**TEST_PHOTO, "action": "purchase"}
 
 
-def image_search_eval_set(log, catalogue, run_dir, settings, accounting) -> pa.Table:
-    """Every (user photo, purchased item) of the test days: the input of image-based search recall."""
-    acts = log.interactions
-    test = acts.filter(pc.equal(acts["split"], "test"))
-    chosen = test.filter(pc.and_(test["image_query"], pc.equal(test["action"], "purchase")))
+def image_search_eval_set(log, catalogue, accounting) -> Iterator[pa.Table]:
+    """Every (user photo, purchased item) of the test days, in time order: the input of image-based search recall."""
+    test, photo, chosen = log.count(TEST), log.count(TEST_PHOTO), log.count(CHOSEN)
     accounting.record(
-        "evaluation", "test days: photo query + purchase", test.num_rows, chosen.num_rows,
-        **{"text query": int(pc.sum(pc.invert(test["image_query"])).as_py() or 0),
-           "photo query, no purchase": int(pc.sum(test["image_query"]).as_py() or 0) - chosen.num_rows},
+        "evaluation", "test days: photo query + purchase", test, chosen,
+        **{"text query": test - photo, "photo query, no purchase": photo - chosen},
     )
-    chosen = with_photos(chosen, session_photos(run_dir, pc.unique(chosen["session_id"]), settings))
-    spu = catalogue.spu[catalogue.codes(chosen["item_id"])].tolist()
-    return pa.table(
-        {
-            "query_id": chosen["session_id"],
-            "query_image": chosen["photo"],
-            "item_id": chosen["item_id"],
-            "spu_id": pa.array(spu, pa.string()),
-            "ts": chosen["ts"],
-            "region": chosen["region"],
-            "user_id": chosen["user_id"],
-        },
-        schema=schema.EVAL_IMAGE_SEARCH,
-    )
+    for part in log.scan(["session_id", "photo", "item_id", "ts", "region", "user_id"], CHOSEN):
+        spu = catalogue.spu[catalogue.codes(part["item_id"])].tolist()
+        yield pa.table(
+            {
+                "query_id": part["session_id"],
+                "query_image": part["photo"],
+                "item_id": part["item_id"],
+                "spu_id": pa.array(spu, pa.string()),
+                "ts": part["ts"],
+                "region": part["region"],
+                "user_id": part["user_id"],
+            },
+            schema=schema.EVAL_IMAGE_SEARCH,
+        )

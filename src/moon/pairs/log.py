@@ -1,42 +1,92 @@
-"""The behaviour log as the pair builder reads it: the catalogue's per-item facts, one interaction per
-(session, item) with its strongest action and its split by day, and the user photos of chosen sessions."""
+"""The behaviour log as the pair builder reads it: the catalogue's per-item facts, and one interaction
+per (session, item) with its strongest action, its split by day and the session's user photo, kept on
+disk in time order and read back a batch at a time.
+
+Memory does not grow with the log (`spill.py` has the two layouts):
+
+1. the events are read once, a batch at a time: impressions add to per-item counts, and
+   the click, cart and purchase rows and each session's first photo are spilled into
+   parts by session;
+2. each part in turn becomes one interaction per (session, item), with its photo and
+   split, and the session's item pairs, spilled again into buckets of time;
+3. each bucket is sorted; read in turn, the buckets give the whole log in time order.
+
+A session part holds about PART_BATCHES batches of events and a time bucket about half a
+batch of interactions (`pairs.batch_rows`), so a smaller batch makes everything smaller.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from moon import ui
 from moon.config import PairsConfig
 from moon.errors import UserError
-from moon.io.tables import dataset, read_manifest
+from moon.io import schema
+from moon.io.tables import dataset, read_batches, read_manifest
 from moon.pairs.accounting import Accounting
+from moon.pairs.spill import SORTED_ROW_GROUP, Spill, TimeBuckets, part_count, session_parts
 from moon.sources.summary import leaf_categories
 
 ACTION_RANK = {"click": 1, "cart": 2, "purchase": 3}
 MS_PER_DAY = 86_400_000
-READAHEAD = {"batch_readahead": 2, "fragment_readahead": 1}  # bounds memory: photo batches are large
+PART_BATCHES = 2  # event batches per session part
+INTERACTION_COLUMNS = ["ts", "user_id", "session_id", "region", "query_text", "item_id", "action"]
+INTERACTION_ORDER = ["ts", "session_id", "item_id"]
+ITEM_PAIR_ORDER = ["ts", "session_id", "query_item_id", "item_id"]
+
+# The click, cart and purchase rows of the events, as spilled by session.
+ACTED = pa.schema([(name, schema.EVENTS.field(name).type) for name in INTERACTION_COLUMNS] + [("image_query", pa.bool_())])
+PHOTOS = pa.schema([("session_id", pa.string()), ("photo", pa.binary())])
+# One row per (session, item); `photo` is the session's user photo, null for a text query.
+INTERACTIONS = pa.schema([
+    ("session_id", pa.string()), ("item_id", pa.string()), ("action", pa.string()), ("ts", schema.TIMESTAMP),
+    ("user_id", pa.string()), ("region", pa.string()), ("query_text", pa.string()), ("image_query", pa.bool_()),
+    ("split", pa.string()), ("photo", pa.binary()),
+])
+# Two items one session interacted with: the earlier is the query; the other columns are the later one's.
+ITEM_PAIRS = pa.schema([
+    ("session_id", pa.string()), ("query_item_id", pa.string()), ("item_id", pa.string()), ("action", pa.string()),
+    ("ts", schema.TIMESTAMP), ("user_id", pa.string()), ("region", pa.string()), ("split", pa.string()),
+])
 
 
 @dataclass
 class Catalogue:
-    """Per-item facts the pair builder needs, indexed by item id."""
+    """Per-item facts the pair builder needs, indexed by item id; the images stay on disk."""
 
     ids: pa.Array  # string, for vectorised lookups
     item_ids: np.ndarray  # object: str
     spu: np.ndarray  # object: str
     leaf: np.ndarray  # int: leaf category code
+    items: pa.Table  # every column of the items but the images
+    source: pa.Table | ds.FileSystemDataset  # the items with their images, read a chunk at a time
 
     @classmethod
-    def of(cls, items: pa.Table) -> Catalogue:
+    def of(cls, source: pa.Table | ds.FileSystemDataset) -> Catalogue:
+        """The facts of an items table, or of a dataset of one (its images are not read here)."""
+        facts = [name for name in source.schema.names if name != "image"]
+        items = source.select(facts) if isinstance(source, pa.Table) else source.to_table(columns=facts)
         ids = np.array(items["item_id"].to_pylist(), dtype=object)
         _, leaf = np.unique(leaf_categories(items["category"]).to_numpy(zero_copy_only=False), return_inverse=True)
         spu = np.array(items["spu_id"].to_pylist(), dtype=object)
-        return cls(items["item_id"].combine_chunks(), ids, spu, leaf)
+        return cls(items["item_id"].combine_chunks(), ids, spu, leaf, items, source)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Catalogue:
+        return cls.of(dataset(run_dir, "items"))
+
+    def chunks(self, columns: list[str], rows: int) -> Iterator[pa.Table]:
+        """The items in catalogue order, `rows` at a time (the last chunk may be shorter)."""
+        return blocks(read_batches(self.source, columns, rows), rows)
 
     def codes(self, item_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
         """Catalogue positions of item ids; an id the catalogue lacks is a user error."""
@@ -50,45 +100,136 @@ class Catalogue:
         return codes.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+Where = dict  # a row filter: column -> the value it must equal, or a pa.Array of values it must be one of
+
+
 @dataclass
 class BehaviourLog:
-    interactions: pa.Table  # one row per (session, item): strongest action, split, query text
+    interactions: ds.FileSystemDataset  # INTERACTIONS in time order (ts, session_id, item_id)
+    item_pairs: ds.FileSystemDataset  # ITEM_PAIRS in time order (ts, session_id, query_item_id, item_id)
     impressions: np.ndarray  # impressions per catalogue item
     period_start_ms: int
     days: int
+    batch_rows: int
+
+    def scan(self, columns: list[str] | None = None, where: Where | None = None,
+             table: str = "interactions") -> Iterator[pa.Table]:
+        """The rows of `table` (interactions or item_pairs) that match `where`, in time order, a batch at a time."""
+        source = getattr(self, table)
+        where = where or {}
+        wanted = columns or source.schema.names
+        for part in read_batches(source, list(dict.fromkeys([*wanted, *where])), self.scan_rows):
+            part = part.filter(matches(part, where)) if where else part
+            if part.num_rows:
+                yield part.select(wanted)
+
+    def count(self, where: Where | None = None, table: str = "interactions") -> int:
+        """Rows of `table` that match `where`."""
+        if not where:
+            return getattr(self, table).count_rows()
+        parts = read_batches(getattr(self, table), list(where), self.scan_rows)
+        return sum(int(pc.sum(matches(part, where)).as_py() or 0) for part in parts)
+
+    @property
+    def scan_rows(self) -> int:
+        """Rows read from the spill at once: at most a row group, as rows with photos are large."""
+        return min(self.batch_rows, SORTED_ROW_GROUP)
+
+    def query_texts(self) -> list[str]:
+        """The distinct query texts, in the order they first occur."""
+        seen: dict[str, None] = {}
+        for part in self.scan(["query_text"], {"image_query": False}):
+            seen.update(dict.fromkeys(pc.unique(part["query_text"].drop_null()).to_pylist()))
+        return list(seen)
 
 
-INTERACTION_COLUMNS = ["ts", "user_id", "session_id", "region", "query_text", "item_id", "action"]
+def matches(table: pa.Table, where: Where) -> pa.ChunkedArray:
+    """Which rows match every condition of `where`."""
+    masks = [
+        pc.is_in(table[column], value_set=value) if isinstance(value, pa.Array) else pc.equal(table[column], value)
+        for column, value in where.items()
+    ]
+    return functools.reduce(pc.and_, masks)
 
 
-def read_interactions(run_dir: Path, settings: PairsConfig, catalogue: Catalogue, accounting: Accounting) -> BehaviourLog:
-    """Streams the events (without the photo bytes) and keeps one interaction per (session, item).
-
-    A session searched with a photo exactly when its query text is null (the events contract),
-    so the photo column is not read here.
-    """
+def read_interactions(
+    run_dir: Path, settings: PairsConfig, catalogue: Catalogue, accounting: Accounting, work: Path
+) -> BehaviourLog:
+    """Streams the events into one interaction per (session, item), spilled into `work` in time order."""
     manifest = read_manifest(run_dir, "events")
+    start_ms, days = int(np.datetime64(manifest["period_start"], "ms").astype(np.int64)), int(manifest["days"])
+    check_split_days(days, settings)
+    buckets = TimeBuckets(start_ms, start_ms + days * MS_PER_DAY)
+    acted, photos, impressions = _spill_by_session(run_dir, settings, catalogue, buckets, work)
+    interactions, item_pairs = _group_sessions(acted, photos, buckets, start_ms, days, settings, accounting, work)
+    with ui.progress("sort by time", 2 * buckets.count, unit="parts") as advance:
+        in_order = interactions.sort_parts(INTERACTION_ORDER, advance), item_pairs.sort_parts(ITEM_PAIR_ORDER, advance)
+    return BehaviourLog(*in_order, impressions, start_ms, days, settings.batch_rows)
+
+
+def _spill_by_session(run_dir, settings, catalogue, buckets, work) -> tuple[Spill, Spill, np.ndarray]:
+    """Reads the events once: impressions per item; acted rows and first photos spilled by session;
+    the acted rows' times counted into `buckets`."""
     events = dataset(run_dir, "events")
-    impressions = np.zeros(len(catalogue.item_ids), dtype=np.int64)
-    kept: list[pa.Table] = []
     total = events.count_rows()
+    acted = Spill(work / "acted", ACTED, part_count(total, PART_BATCHES * settings.batch_rows))
+    photos = Spill(work / "photos", PHOTOS, acted.parts)
+    impressions = np.zeros(len(catalogue.item_ids), dtype=np.int64)
     with ui.progress("read behaviour log", total, unit="events") as advance:
-        for batch in events.to_batches(columns=INTERACTION_COLUMNS, batch_size=settings.batch_rows, **READAHEAD):
-            table = pa.Table.from_batches([batch])
+        for table in read_batches(events, [*INTERACTION_COLUMNS, "query_image"], settings.batch_rows):
             shown = pc.equal(table["action"], "impression")
-            impressions += np.bincount(catalogue.codes(table.filter(shown)["item_id"]), minlength=len(impressions))
-            acted = table.filter(pc.invert(shown))
-            kept.append(acted.append_column("image_query", pc.is_null(acted["query_text"])))
-            advance(batch.num_rows)
-    rows = pa.concat_tables(kept) if kept else pa.table({c: [] for c in INTERACTION_COLUMNS})
-    interactions = strongest_per_session_item(rows)
+            codes = catalogue.codes(table["item_id"])  # every row's item must be in the catalogue
+            impressions += np.bincount(codes[shown.to_numpy(zero_copy_only=False)], minlength=len(impressions))
+            rows = table.filter(pc.invert(shown)).drop_columns(["query_image"])
+            # A session searched with a photo exactly when its query text is null (the events contract).
+            rows = rows.append_column("image_query", pc.is_null(rows["query_text"]))
+            acted.write(rows, session_parts(rows["session_id"], acted.parts))
+            first = first_photos(table)
+            photos.write(first, session_parts(first["session_id"], photos.parts))
+            buckets.add(rows["ts"])
+            advance(table.num_rows)
+    acted.close()
+    photos.close()
+    return acted, photos, impressions
+
+
+def first_photos(events: pa.Table) -> pa.Table:
+    """(session_id, photo): the first user photo of each session in these events."""
+    first = first_photo_rows(events, "query_image")
+    return events.select(["session_id", "query_image"]).take(first["row"]).rename_columns(PHOTOS.names)
+
+
+def first_photo_rows(rows: pa.Table, column: str) -> pa.Table:
+    """(session_id, row): the row of each session's first photo (in `column`), found without copying photos."""
+    numbered = pa.table({"session_id": rows["session_id"], "row": np.arange(rows.num_rows)})
+    numbered = numbered.filter(pc.is_valid(rows[column]))
+    return numbered.group_by("session_id", use_threads=False).aggregate([("row", "min")]).rename_columns(["session_id", "row"])
+
+
+def _group_sessions(acted, photos, buckets, start_ms, days, settings, accounting, work) -> tuple[Spill, Spill]:
+    """Per session part: interactions with their photos and splits, and item pairs, spilled by time."""
+    buckets.split(max(settings.batch_rows // 2, 1))
+    interactions = Spill(work / "interactions", INTERACTIONS, buckets.count)
+    item_pairs = Spill(work / "item_pairs", ITEM_PAIRS, buckets.count)
+    rows_in = kept = 0
+    with ui.progress("group sessions", acted.parts, unit="parts") as advance:
+        for part in range(acted.parts):
+            rows = acted.read(part)
+            table = strongest_per_session_item(rows)
+            table = with_photos(table, photos.read(part))
+            table = assign_splits(table, start_ms, days, settings)
+            interactions.write(table, buckets.of(table["ts"]))
+            pairs = items_of_one_session(table)
+            item_pairs.write(pairs, buckets.of(pairs["ts"]))
+            rows_in, kept = rows_in + rows.num_rows, kept + table.num_rows
+            acted.remove(part)
+            photos.remove(part)
+            advance(1)
     accounting.record(
-        "interactions", "one per (session, item)", rows.num_rows, interactions.num_rows,
-        **{"weaker action, same session and item": rows.num_rows - interactions.num_rows},
+        "interactions", "one per (session, item)", rows_in, kept,
+        **{"weaker action, same session and item": rows_in - kept},
     )
-    start_ms = int(np.datetime64(manifest["period_start"], "ms").astype(np.int64))
-    interactions = assign_splits(interactions, start_ms, int(manifest["days"]), settings)
-    return BehaviourLog(interactions, impressions, start_ms, int(manifest["days"]))
+    return interactions, item_pairs
 
 
 def strongest_per_session_item(rows: pa.Table) -> pa.Table:
@@ -100,7 +241,7 @@ def strongest_per_session_item(rows: pa.Table) -> pa.Table:
          ("query_text", "first"), ("image_query", "first")]
     )
     action = pa.array(list(ACTION_RANK)).take(pc.subtract(grouped["rank_max"], 1))
-    table = pa.table({
+    return pa.table({
         "session_id": grouped["session_id"],
         "item_id": grouped["item_id"],
         "action": action,
@@ -110,16 +251,41 @@ def strongest_per_session_item(rows: pa.Table) -> pa.Table:
         "query_text": grouped["query_text_first"],
         "image_query": grouped["image_query_first"],
     })
-    return table.sort_by([("ts", "ascending"), ("session_id", "ascending"), ("item_id", "ascending")])
 
 
-def assign_splits(interactions: pa.Table, start_ms: int, days: int, settings: PairsConfig) -> pa.Table:
-    """train / valid / test by event day: evaluation comes from later days than any training pair."""
+def with_photos(interactions: pa.Table, photos: pa.Table) -> pa.Table:
+    """Adds each photo-query interaction's user photo (column `photo`; null for a text query).
+
+    `photos`: (session_id, photo) rows in the log's order; a session's first is its photo.
+    """
+    first = first_photo_rows(photos, "photo")
+    row = first["row"].take(pc.index_in(interactions["session_id"], value_set=first["session_id"]))
+    row = pc.if_else(interactions["image_query"], row, pa.scalar(None, pa.int64()))
+    return interactions.append_column("photo", photos["photo"].take(row))
+
+
+def items_of_one_session(interactions: pa.Table) -> pa.Table:
+    """Ordered (earlier item -> later item) pairs of items one session interacted with."""
+    later_items = interactions.select([n for n in ITEM_PAIRS.names if n != "query_item_id"])
+    left = interactions.select(["session_id", "item_id", "ts"]).rename_columns(["session_id", "query_item_id", "query_ts"])
+    joined = left.join(later_items, keys="session_id", join_type="inner", use_threads=False)
+    later = pc.or_(
+        pc.less(joined["query_ts"], joined["ts"]),
+        pc.and_(pc.equal(joined["query_ts"], joined["ts"]), pc.less(joined["query_item_id"], joined["item_id"])),
+    )
+    return joined.filter(pc.and_(pc.not_equal(joined["query_item_id"], joined["item_id"]), later))
+
+
+def check_split_days(days: int, settings: PairsConfig) -> None:
     if settings.test_days + settings.valid_days >= days:
         raise UserError(
             f"the log has {days} days but pairs.test_days={settings.test_days} and pairs.valid_days="
             f"{settings.valid_days} leave none for training: lower them or simulate more days"
         )
+
+
+def assign_splits(interactions: pa.Table, start_ms: int, days: int, settings: PairsConfig) -> pa.Table:
+    """train / valid / test by event day: evaluation comes from later days than any training pair."""
     day = (interactions["ts"].cast(pa.int64()).to_numpy() - start_ms) // MS_PER_DAY
     test_from = days - settings.test_days
     valid_from = test_from - settings.valid_days
@@ -127,34 +293,33 @@ def assign_splits(interactions: pa.Table, start_ms: int, days: int, settings: Pa
     return interactions.append_column("split", pa.array(split, pa.string()))
 
 
-# ---------------------------------------------------------------- stage 1
+# ---------------------------------------------------------------- reading in order
 
 
-def with_photos(table: pa.Table, photos: pa.Table) -> pa.Table:
-    """Adds each row's user photo (column `photo`), keeping the time order."""
-    joined = table.join(photos, keys="session_id", join_type="left outer", use_threads=False)
-    order = [("ts", "ascending"), ("session_id", "ascending"), ("item_id", "ascending")]
-    return joined.sort_by(order)
+def take_rows(parts: Iterable[pa.Table], positions: np.ndarray) -> Iterator[pa.Table]:
+    """The rows at `positions` (sorted) of the table the parts make in turn, in order."""
+    if not len(positions):
+        return
+    offset = 0
+    for part in parts:
+        lo, hi = np.searchsorted(positions, [offset, offset + part.num_rows])
+        if hi > lo:
+            yield part.take(positions[lo:hi] - offset)
+        offset += part.num_rows
+        if hi == len(positions):
+            return
 
 
-def session_photos(run_dir: Path, sessions: pa.Array, settings: PairsConfig) -> pa.Table:
-    """(session_id, photo) for the given sessions, read from the events in streamed batches.
-
-    Each photo is copied once, from the first row of its session; the parts are then
-    concatenated without copying, so memory holds the wanted photos and one batch.
-    """
-    photo_schema = pa.schema([("session_id", pa.string()), ("photo", pa.binary())])
-    parts = [photo_schema.empty_table()]
-    seen: set[str] = set()
-    events = dataset(run_dir, "events")
-    wanted = pc.field("session_id").isin(sessions) & pc.field("query_image").is_valid()
-    batches = events.to_batches(columns=["session_id", "query_image"], filter=wanted, batch_size=settings.batch_rows, **READAHEAD)
-    for batch in batches:
-        first_rows = []
-        for row, session in enumerate(batch.column("session_id").to_pylist()):
-            if session not in seen:
-                seen.add(session)
-                first_rows.append(row)
-        rows = pa.array(first_rows, pa.int64())
-        parts.append(pa.Table.from_batches([batch]).take(rows).rename_columns(photo_schema.names).cast(photo_schema))
-    return pa.concat_tables(parts)
+def blocks(parts: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The table the parts make, cut anew into blocks of `rows` rows (the last may be shorter)."""
+    pending: list[pa.Table] = []
+    size = 0
+    for part in parts:
+        pending.append(part)
+        size += part.num_rows
+        while size >= rows:
+            joined = pa.concat_tables(pending)
+            yield joined.slice(0, rows)
+            pending, size = [joined.slice(rows)], size - rows
+    if size:
+        yield pa.concat_tables(pending)

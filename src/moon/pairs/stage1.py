@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from moon.config import PairsConfig
 from moon.io import schema
 from moon.pairs.accounting import Accounting
-from moon.pairs.log import BehaviourLog, session_photos, with_photos
+from moon.pairs.log import BehaviourLog, take_rows
 
 ITEM_QUERY_VIEWS = ("title+image", "richer-text+image")  # views an item-as-query pair may take
-
-
-def stage1_candidates(log: BehaviourLog) -> dict[str, pa.Table]:
-    """Every candidate pair of every task, before the mix is applied."""
-    acts = log.interactions
-    text = acts.filter(pc.invert(acts["image_query"]))
-    image = acts.filter(acts["image_query"])
-    item_pairs = _items_of_one_session(acts)
-    candidates = {}
-    for task in schema.TASKS:
-        query_view, item_view = task.split("->")
-        source = {"text": text, "image": image}.get(query_view, item_pairs)
-        candidates[task] = source
-    return candidates
-
-
-def _items_of_one_session(acts: pa.Table) -> pa.Table:
-    """Ordered (earlier item -> later item) pairs of items one session interacted with."""
-    left = acts.select(["session_id", "item_id", "ts"]).rename_columns(["session_id", "query_item_id", "query_ts"])
-    joined = left.join(acts, keys="session_id", join_type="inner", use_threads=False)
-    later = pc.or_(
-        pc.less(joined["query_ts"], joined["ts"]),
-        pc.and_(pc.equal(joined["query_ts"], joined["ts"]), pc.less(joined["query_item_id"], joined["item_id"])),
-    )
-    pairs = joined.filter(pc.and_(pc.not_equal(joined["query_item_id"], joined["item_id"]), later))
-    return pairs.sort_by([("ts", "ascending"), ("session_id", "ascending"), ("query_item_id", "ascending"), ("item_id", "ascending")])
+TEXT_COLUMNS = ["session_id", "item_id", "action", "ts", "user_id", "region", "query_text", "split"]
+# Each kind of query -> where its candidate pairs are: (table of the log, row filter, columns to read).
+CANDIDATES = {
+    "text": ("interactions", {"image_query": False}, TEXT_COLUMNS),
+    "image": ("interactions", {"image_query": True}, [*TEXT_COLUMNS, "photo"]),
+    "item": ("item_pairs", None, None),
+}
 
 
 def mix_quotas(available: dict[str, int], mix: dict[str, float]) -> dict[str, int]:
@@ -56,24 +35,30 @@ def mix_quotas(available: dict[str, int], mix: dict[str, float]) -> dict[str, in
     return {task: min(available.get(task, 0), int(round(mix.get(task, 0) * scale))) for task in schema.TASKS}
 
 
-def stage1_pairs(log: BehaviourLog, settings: PairsConfig, rng, accounting: Accounting, run_dir: Path) -> Iterator[pa.Table]:
-    """The pairs of each task in turn, so that only one task's photos are in memory at a time."""
-    candidates = stage1_candidates(log)
-    quotas = mix_quotas({task: table.num_rows for task, table in candidates.items()}, settings.mix)
-    sampled = {}
-    for task, table in candidates.items():
-        keep = np.sort(rng.choice(table.num_rows, quotas[task], replace=False))
+def stage1_pairs(log: BehaviourLog, settings: PairsConfig, rng, accounting: Accounting) -> Iterator[pa.Table]:
+    """The pairs of each task in turn, streamed from the time-ordered interactions.
+
+    Each task's sample is drawn when its turn comes, so only one task's row numbers are in
+    memory at a time; draws and accounting keep the tasks' order.
+    """
+    available_by_query = {query: log.count(where, table) for query, (table, where, _) in CANDIDATES.items()}
+    available = {task: available_by_query[_query(task)] for task in schema.TASKS}
+    quotas = mix_quotas(available, settings.mix)
+    for task in schema.TASKS:
+        keep = np.sort(rng.choice(available[task], quotas[task], replace=False))
         accounting.record(
-            "stage 1", task, table.num_rows, len(keep),
-            **{"beyond the task's mix share": table.num_rows - len(keep)},
+            "stage 1", task, available[task], len(keep),
+            **{"beyond the task's mix share": available[task] - len(keep)},
         )
-        sampled[task] = table.take(keep)
-    image_tasks = [task for task in sampled if task.startswith("image->")]
-    sessions = pc.unique(pa.chunked_array([sampled[t]["session_id"] for t in image_tasks], pa.string()))
-    photos = session_photos(run_dir, sessions, settings)
-    for task in list(sampled):
-        table = sampled.pop(task)
-        yield as_pairs(with_photos(table, photos) if task in image_tasks else table, task, settings)
+        table, where, columns = CANDIDATES[_query(task)]
+        for part in take_rows(log.scan(columns, where, table), keep):
+            yield as_pairs(part, task, settings)
+
+
+def _query(task: str) -> str:
+    """What a task's query is: text, image (a user photo) or item (the earlier item of a session)."""
+    query_view = task.split("->")[0]
+    return query_view if query_view in ("text", "image") else "item"
 
 
 def as_pairs(table: pa.Table, task: str, settings: PairsConfig) -> pa.Table:

@@ -3,6 +3,7 @@ with hard negatives."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,44 +16,53 @@ from moon.config import PairsConfig
 from moon.errors import UserError
 from moon.io.tables import read_manifest
 from moon.pairs.entities import Gazetteer
-from moon.pairs.log import Catalogue, session_photos, with_photos
+from moon.pairs.log import INTERACTIONS, Catalogue, blocks, take_rows
 from moon.pairs.stage1 import as_pairs
 from moon.views import SERVED_VIEW
 
+PURCHASE = {"action": "purchase"}
+QUERY_COLUMNS = ["item_id", "query_text", "image_query", "photo"]
+# Images described at once: the descriptor's temporaries take about 140 kB per image, and
+# each image's vector is the same whatever else is described with it.
+DESCRIBE_BLOCK = 512
+MINING_BLOCK = 1024  # queries whose nearest items are scored at once (as one matrix product)
 
-def similarity_embedder(settings: PairsConfig, items: pa.Table, interactions: pa.Table) -> BaselineEmbedder:
-    """The embedder that judges query-item similarity for dedup and mining, fitted on the catalogue and queries."""
+
+def similarity_embedder(settings: PairsConfig, items: pa.Table, queries: list[str]) -> BaselineEmbedder:
+    """The embedder that judges query-item similarity for dedup and mining, fitted on the catalogue's
+    texts (`items` need not hold the images) and the log's distinct query texts."""
     if settings.embedder != "baseline":
         raise UserError(
             f"pairs.embedder={settings.embedder!r}: only 'baseline' is available until a post-trained "
             "checkpoint exists (`moon posttrain`)"
         )
-    queries = interactions["query_text"].drop_null().unique().to_pylist()
     return BaselineEmbedder.fit(items, extra_texts=queries)
 
 
-def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir, items) -> pa.Table:
-    acts = log.interactions
-    purchases = acts.filter(pc.equal(acts["action"], "purchase"))
-    accounting.record("stage 2", "purchases", acts.num_rows, purchases.num_rows, **{"not a purchase": acts.num_rows - purchases.num_rows})
-    photos = session_photos(run_dir, pc.unique(purchases.filter(purchases["image_query"])["session_id"]), settings)
-    purchases = with_photos(purchases, photos)
-    codes = catalogue.codes(purchases["item_id"])
-    purchases = purchases.append_column("pos_spu_id", pa.array(catalogue.spu[codes].tolist(), pa.string()))
-    with ui.progress("describe catalogue", items.num_rows, unit="items") as advance:
-        item_vectors = embedder.encode_items(items, SERVED_VIEW, advance)
-    # Every purchase's query is embedded once; the steps below look rows up by `query_row`.
-    query_vecs = query_vectors(purchases, embedder)
-    purchases = purchases.append_column("query_row", pa.array(np.arange(purchases.num_rows)))
+def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir) -> Iterator[pa.Table]:
+    """Cleaned purchase pairs: the text-query pairs, then the photo-query pairs, in time order.
 
+    Similarity dedup streams the purchases and keeps at most one per item and query
+    modality, so the steps after it hold a table (without photos) bounded by the
+    catalogue; with dedup off, that table holds every purchase. Photos are read back only
+    for the pairs kept.
+    """
+    total, count = log.count(), log.count(PURCHASE)
+    accounting.record("stage 2", "purchases", total, count, **{"not a purchase": total - count})
+    item_vectors = describe_catalogue(embedder, catalogue)
+    if settings.dedup_similarity:
+        rows = least_similar_queries(log, catalogue, embedder, item_vectors, count)
+        accounting.record("stage 2", "similarity dedup", count, len(rows), **{"easier query, same item": count - len(rows)})
+    else:
+        rows = np.arange(count)
+        accounting.record("stage 2", "similarity dedup (off)", count, count)
+    purchases = read_purchases(log, catalogue, rows, settings.spu_merge)
     steps = [
-        ("similarity dedup", settings.dedup_similarity, lambda t: dedup_by_similarity(t, catalogue, query_vecs, item_vectors)),
         ("SPU merge", settings.spu_merge, spu_merge),
         ("category alignment", settings.category_alignment, lambda t: align_categories(t, catalogue, log.impressions, rng)),
-        ("NER filter", settings.ner_filter, lambda t: ner_filter(t, gazetteer(run_dir, items), items, catalogue, settings.min_entities)),
+        ("NER filter", settings.ner_filter,
+         lambda t: ner_filter(t, gazetteer(run_dir, catalogue.items), catalogue.items, catalogue, settings.min_entities)),
     ]
-    if not settings.spu_merge:  # each SKU is its own target
-        purchases = purchases.set_column(purchases.schema.get_field_index("pos_spu_id"), "pos_spu_id", purchases["item_id"])
     for name, enabled, step in steps:
         if not enabled:
             accounting.record("stage 2", f"{name} (off)", purchases.num_rows, purchases.num_rows)
@@ -60,13 +70,55 @@ def stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting
         before = purchases.num_rows
         purchases, dropped = step(purchases)
         accounting.record("stage 2", name, before, purchases.num_rows, **dropped)
-    negatives = hard_negatives(purchases, catalogue, duplicates, query_vecs, item_vectors, log.interactions, settings, rng)
+    negatives = hard_negatives(purchases, log, catalogue, duplicates, embedder, item_vectors, settings, rng)
     purchases = purchases.append_column("hard_neg_item_ids", negatives)
     accounting.record("stage 2", "hard negatives", purchases.num_rows, purchases.num_rows)
-    by_view = {"text": pc.invert(purchases["image_query"]), "image": purchases["image_query"]}
-    return pa.concat_tables(
-        as_pairs(purchases.filter(mask), f"{view}->{SERVED_VIEW}", settings) for view, mask in by_view.items()
-    )
+    text = purchases.filter(pc.invert(purchases["image_query"]))
+    yield as_pairs(text, f"text->{SERVED_VIEW}", settings)
+    for part in read_photos(log, purchases.filter(purchases["image_query"])):
+        yield as_pairs(part, f"image->{SERVED_VIEW}", settings)
+
+
+def purchases_of(log, columns: list[str]) -> Iterator[pa.Table]:
+    """The purchases in time order; a purchase's row number in this stream is its `purchase_row`."""
+    return log.scan(columns, PURCHASE)
+
+
+def describe_catalogue(embedder, catalogue: Catalogue) -> np.ndarray:
+    """The served view of every item, read and described a chunk at a time."""
+    vectors = np.empty((len(catalogue.item_ids), embedder.dim), np.float32)
+    columns = ["title", "category", "attributes", "image"]
+    with ui.progress("describe catalogue", len(vectors), unit="items") as advance:
+        start = 0
+        for chunk in catalogue.chunks(columns, DESCRIBE_BLOCK):
+            vectors[start:start + chunk.num_rows] = embedder.encode_items(chunk, SERVED_VIEW, advance)
+            start += chunk.num_rows
+    return vectors
+
+
+def least_similar_queries(log, catalogue: Catalogue, embedder, item_vectors: np.ndarray, count: int) -> np.ndarray:
+    """Similarity dedup: per (item, query modality), the purchase whose query the embedder finds least
+    similar to the item (the hard, long-tail one; the earliest on a tie). Returns their purchase rows, sorted.
+
+    The purchases stream through; only the best row so far of each (item, modality) is kept.
+    """
+    slots = 2 * len(catalogue.item_ids)  # item code * 2 + is photo query
+    best_similarity = np.zeros(slots, np.float32)
+    best_row = np.full(slots, -1, np.int64)
+    offset = 0
+    with ui.progress("describe purchase queries", count, unit="queries") as advance:
+        for part in purchases_of(log, QUERY_COLUMNS):
+            codes = catalogue.codes(part["item_id"])
+            similarity = np.einsum("ij,ij->i", query_vectors(part, embedder), item_vectors[codes])
+            slot = codes * 2 + part["image_query"].to_numpy(zero_copy_only=False)
+            order = np.lexsort((similarity, slot))  # by slot, then least similar first, then earliest
+            first = order[np.r_[True, slot[order][1:] != slot[order][:-1]]]
+            better = (best_row[slot[first]] < 0) | (similarity[first] < best_similarity[slot[first]])
+            best_similarity[slot[first[better]]] = similarity[first[better]]
+            best_row[slot[first[better]]] = offset + first[better]
+            offset += part.num_rows
+            advance(part.num_rows)
+    return np.sort(best_row[best_row >= 0])
 
 
 def query_vectors(table: pa.Table, embedder) -> np.ndarray:
@@ -75,21 +127,29 @@ def query_vectors(table: pa.Table, embedder) -> np.ndarray:
     is_image = table["image_query"].to_numpy(zero_copy_only=False)
     if (~is_image).any():
         vectors[~is_image] = embedder.encode_texts(table.filter(pc.invert(table["image_query"]))["query_text"].to_pylist())
-    if is_image.any():
-        vectors[is_image] = embedder.encode_images(table.filter(table["image_query"])["photo"].to_pylist())
+    photos, rows = table.filter(table["image_query"])["photo"], np.flatnonzero(is_image)
+    for start in range(0, len(rows), DESCRIBE_BLOCK):
+        vectors[rows[start:start + DESCRIBE_BLOCK]] = embedder.encode_images(photos.slice(start, DESCRIBE_BLOCK).to_pylist())
     return vectors
 
 
-def dedup_by_similarity(table: pa.Table, catalogue: Catalogue, query_vecs: np.ndarray, item_vectors: np.ndarray):
-    """Per (item, query modality), keep the query least similar to the item: the hard, long-tail one."""
-    queries = query_vecs[table["query_row"].to_numpy()]
-    similarity = np.einsum("ij,ij->i", queries, item_vectors[catalogue.codes(table["item_id"])])
-    keys = np.array([f"{item}|{image}" for item, image in zip(table["item_id"].to_pylist(), table["image_query"].to_pylist())])
-    order = np.lexsort((similarity, keys))  # by key, then least similar first
-    first = np.ones(len(order), bool)
-    first[1:] = keys[order][1:] != keys[order][:-1]
-    keep = np.sort(order[first])
-    return table.take(keep), {"easier query, same item": table.num_rows - len(keep)}
+def read_purchases(log, catalogue: Catalogue, rows: np.ndarray, spu_merge: bool) -> pa.Table:
+    """The purchases at `rows` without their photos, with `purchase_row` and `pos_spu_id` (the item's
+    SPU, or the item itself when SKUs are not merged)."""
+    columns = ["session_id", "item_id", "action", "ts", "user_id", "region", "query_text", "image_query", "split"]
+    parts = list(take_rows(purchases_of(log, columns), rows))
+    table = pa.concat_tables(parts) if parts else INTERACTIONS.empty_table().select(columns)
+    spu = catalogue.spu[catalogue.codes(table["item_id"])] if spu_merge else table["item_id"].to_numpy(zero_copy_only=False)
+    table = table.append_column("pos_spu_id", pa.array(spu.tolist(), pa.string()))
+    return table.append_column("purchase_row", pa.array(rows, pa.int64()))
+
+
+def read_photos(log, table: pa.Table) -> Iterator[pa.Table]:
+    """`table` (purchases in time order) in parts, each with its rows' user photos (column `photo`)."""
+    start = 0
+    for photos in take_rows(purchases_of(log, ["photo"]), table["purchase_row"].to_numpy()):
+        yield table.slice(start, photos.num_rows).append_column("photo", photos["photo"])
+        start += photos.num_rows
 
 
 def spu_merge(table: pa.Table):
@@ -135,26 +195,30 @@ def ner_filter(table: pa.Table, gazetteer: Gazetteer, items: pa.Table, catalogue
     return table.filter(pa.array(keep)), dropped
 
 
-def hard_negatives(table, catalogue, duplicates, query_vecs, item_vectors, interactions, settings, rng) -> pa.ListArray:
-    """Per pair: same-leaf items of other SPUs, then the embedder's nearest items that are not positives."""
+def hard_negatives(table, log, catalogue, duplicates, embedder, item_vectors, settings, rng) -> pa.ListArray:
+    """Per pair: same-leaf items of other SPUs, then the embedder's nearest items that are not positives.
+
+    The queries are described again (photos read back for these pairs only), MINING_BLOCK at a time.
+    """
     group = _duplicate_group(catalogue, duplicates)
-    touched = _items_per_session(interactions, catalogue)
+    touched = _items_per_session(log, catalogue, pc.unique(table["session_id"]))
     by_leaf = {code: np.flatnonzero(catalogue.leaf == code) for code in np.unique(catalogue.leaf)}
-    positives = catalogue.codes(table["item_id"])
-    mined = _nearest_items(query_vecs[table["query_row"].to_numpy()], item_vectors, settings.mined_negatives + 32)
+    sessions = table["session_id"].to_pylist()
+
+    def allowed(candidate: int, pos: int, excluded: set[int]) -> bool:
+        return catalogue.spu[candidate] != catalogue.spu[pos] and group[candidate] != group[pos] and candidate not in excluded
+
     negatives = []
-    for row, (pos, session) in enumerate(zip(positives, table["session_id"].to_pylist())):
-        excluded = set(touched.get(session, ()))
-
-        def allowed(candidate: int) -> bool:
-            return (catalogue.spu[candidate] != catalogue.spu[pos] and group[candidate] != group[pos]
-                    and candidate not in excluded)
-
-        same_leaf = by_leaf[catalogue.leaf[pos]]
-        pool = same_leaf[rng.permutation(len(same_leaf))[: 4 * settings.hard_negatives + 8]]
-        chosen = [int(c) for c in pool if allowed(c)][: settings.hard_negatives]
-        chosen += [int(c) for c in mined[row] if allowed(c) and c not in chosen][: settings.mined_negatives]
-        negatives.append(catalogue.item_ids[chosen].tolist())
+    queries = take_rows(purchases_of(log, QUERY_COLUMNS), table["purchase_row"].to_numpy())
+    for block in blocks(queries, MINING_BLOCK):
+        mined = _nearest_items(query_vectors(block, embedder), item_vectors, settings.mined_negatives + 32)
+        for pos, nearest in zip(catalogue.codes(block["item_id"]), mined):
+            excluded = set(touched.get(sessions[len(negatives)], ()))
+            same_leaf = by_leaf[catalogue.leaf[pos]]
+            pool = same_leaf[rng.permutation(len(same_leaf))[: 4 * settings.hard_negatives + 8]]
+            chosen = [int(c) for c in pool if allowed(c, pos, excluded)][: settings.hard_negatives]
+            chosen += [int(c) for c in nearest if allowed(c, pos, excluded) and c not in chosen][: settings.mined_negatives]
+            negatives.append(catalogue.item_ids[chosen].tolist())
     return pa.array(negatives, pa.list_(pa.string()))
 
 
@@ -168,10 +232,12 @@ def _duplicate_group(catalogue: Catalogue, duplicates: pa.Table) -> np.ndarray:
     return group
 
 
-def _items_per_session(interactions: pa.Table, catalogue: Catalogue) -> dict[str, list[int]]:
+def _items_per_session(log, catalogue: Catalogue, sessions: pa.Array) -> dict[str, list[int]]:
+    """The catalogue codes of the items each of `sessions` interacted with."""
     touched: dict[str, list[int]] = {}
-    for session, item in zip(interactions["session_id"].to_pylist(), catalogue.codes(interactions["item_id"])):
-        touched.setdefault(session, []).append(int(item))
+    for part in log.scan(["session_id", "item_id"], {"session_id": sessions}):
+        for session, item in zip(part["session_id"].to_pylist(), catalogue.codes(part["item_id"])):
+            touched.setdefault(session, []).append(int(item))
     return touched
 
 
@@ -186,5 +252,3 @@ def _nearest_items(queries: np.ndarray, items: np.ndarray, k: int, chunk: int = 
         out[start:start + chunk] = np.take_along_axis(top, order, axis=1)
     return out
 
-
-# ---------------------------------------------------------------- evaluation set
