@@ -1,5 +1,5 @@
 """Batch embedding speed of the tiny preset: catalogue items/s through the code path of `moon embed`
-(`represent.batch.encode_items`, served view, `store.batch_size` items per forward pass), the
+(`represent.encoders.TrainedEncoder.encode_items`, served view, `store.batch_size` items per forward pass), the
 achieved FLOP/s against this machine's matmul peak measured in the same run, and the share of
 the time spent building model inputs (image decoding, tokenising) rather than in the model.
 
@@ -28,7 +28,8 @@ from moon.io.tables import dataset
 from moon.model.embedder import Embedder
 from moon.model.inputs import forget_images
 from moon.model.views import ItemViews
-from moon.represent.batch import encode_items, read_rows
+from moon.represent.batch import read_rows
+from moon.represent.encoders import TrainedEncoder
 
 
 def embedder(items: pa.Table, overrides: list[str]) -> tuple[Embedder, int]:
@@ -40,7 +41,8 @@ def embedder(items: pa.Table, overrides: list[str]) -> tuple[Embedder, int]:
 
 def encode(model: Embedder, items: pa.Table, batch_size: int) -> np.ndarray:
     """What `moon embed` does to one partition of the catalogue."""
-    return encode_items(model, ItemViews(items), model.settings.served_view, batch_size, lambda n=1: None)
+    encoder = TrainedEncoder(Path("."), "tiny", None, batch_size, embedder=model)  # the model is in memory only
+    return encoder.encode_items(items, lambda n=1: None)
 
 
 def items_per_second(model: Embedder, items: pa.Table, batch_size: int) -> tuple[float, float]:

@@ -115,3 +115,18 @@ def store_world(tiny_world, tmp_path_factory):
     write_items(run_dir, read_table(tiny_world, "items").slice(0, STORE_ITEMS))
     publish_untrained(run_dir, "stage2", seed=0)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def log_world(tiny_world, tmp_path_factory):
+    """A run directory with the tiny world's catalogue, behaviour log and item truth and an untrained
+    tiny model as stage 2; tests copy it (`shutil.copytree`) before changing anything."""
+    import shutil
+
+    from moon.run import RunDir
+
+    run_dir = tmp_path_factory.mktemp("log-world")
+    for table in ("items", "events", "item_truth"):
+        shutil.copytree(RunDir(tiny_world).table(table), RunDir(run_dir).table(table))
+    publish_untrained(run_dir, "stage2", seed=0)
+    return run_dir

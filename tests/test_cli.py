@@ -45,8 +45,13 @@ def test_demo_on_a_tiny_world(tmp_path):
     assert {"dims", "hard_same_leaf", "text_search", "item_to_item"} <= set(models["stage2"])
     assert "text search and item -> item recall" in result.stdout
     assert (run_dir / "index" / "v1-stage2" / "full" / "index.faiss").is_file()  # the embed and index stages
+    assert "CTR on the test days" in result.stdout  # the CTR stage, with CUBE on stage-2 and baseline vectors
+    ctr = json.loads((run_dir / "eval" / "ctr.json").read_text())["models"]
+    assert {"dnn", "din"} <= set(ctr) and {name.split("/")[0] for name in ctr if name.startswith("cube@")} == {
+        "cube@v1-stage2", "cube@v2-baseline"}
     again = moon("demo", *TINY_WORLD, *TINY_MODEL, *SHORT_TRAINING, cwd=tmp_path)  # current stages are skipped
-    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 7
+    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 9
+    assert "trained before, reused" in again.stderr
 
 
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):

@@ -27,7 +27,7 @@ from moon.represent import embed_catalogue
 from moon.run import RunDir
 from moon.train import posttrain
 
-SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery"]
+SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery", "ctr"]
 MODELS = {"baseline", "untrained", "stage1", "stage2"}  # no pretraining: it is the slowest stage to set up
 SHORT_TRAINING = [
     "posttrain.from_pretrained=false", "posttrain.stage1.steps=2", "posttrain.stage1.batch_size=8", "posttrain.stage1.log_every=1",
@@ -119,7 +119,8 @@ def decode(attrs) -> Image.Image:
 def test_the_report_has_every_section_and_the_headline_numbers(report, trained_run):
     page, metrics = report
     assert page.sections == SECTIONS
-    assert page.all_text().count("not run yet") == 1 and "moon pretrain" in page.all_text()  # its log only
+    assert page.all_text().count("not run yet") == 2  # the pretraining log and the CTR stage only
+    assert "moon pretrain" in page.all_text() and "moon ctr build" in page.all_text()
     assert set(metrics["models"]) == MODELS
     saved = json.loads((trained_run / "eval" / "retrieval.json").read_text())["models"]
     for model in MODELS:
@@ -207,7 +208,7 @@ def test_a_run_with_only_simulated_data_says_what_is_not_run_yet(tiny_world, tmp
     text = page.all_text()
     assert page.sections == SECTIONS
     for command in ("moon pairs", "moon pretrain", "moon posttrain --stage 1", "moon posttrain --stage 2",
-                    "moon eval retrieval"):
+                    "moon eval retrieval", "moon ctr build"):
         assert command in text
     assert text.count("not run yet") >= 6  # pairs, three training logs, recall, gallery
     assert page.images == [] and page.queries == []

@@ -1,6 +1,7 @@
-"""The representation store: a version round-trips float16 vectors, a killed `moon embed` resumes
-with only its missing partitions, an incremental run adds exactly the new items, and two real
-torchrun processes store what one process stores."""
+"""The representation store: a version round-trips float16 vectors of items and of queries, a version
+written before queries were stored still opens, a killed `moon embed` resumes with only its
+missing partitions, an incremental run adds exactly the new items, and two real torchrun
+processes store what one process stores."""
 
 import json
 import os
@@ -20,9 +21,11 @@ from moon.errors import UserError
 from moon.io.tables import read_table
 from moon.model.embedder import Embedder
 from moon.model.views import ItemViews
+from moon.queries import query_id
 from moon.represent import embed_catalogue
 from moon.run import RunDir
-from moon.store.versions import Store, VersionBuilder, checkpoint_digest
+from moon.store.versions import Store, VersionBuilder, checkpoint_digest, write_shard
+from moon.vectors import unit_rows
 from moon.views import SERVED_VIEW as ITEM_VIEW
 
 ITEMS = STORE_ITEMS  # the first rows of the tiny world's catalogue; the rest arrive "later"
@@ -83,6 +86,83 @@ def test_a_version_round_trips_float16_vectors_and_matryoshka_prefixes(run_dir, 
         embed_catalogue(config(), run_dir, model="stage1")
 
 
+HAND_PLAN = {"model": "hand", "checkpoint_digest": "0123", "dims": 8, "matryoshka_dims": [4], "dtype": "float16",
+             "partitions": 3, "items": 10}
+
+
+def test_a_version_holds_query_vectors_beside_its_items_in_shards_of_their_own(tmp_path):
+    rng = np.random.default_rng(0)
+    item_ids = [f"sku{i:03d}" for i in range(10)]
+    query_ids = [query_id(f"red dress {i}", None) for i in range(4)] + [query_id(None, bytes([i])) for i in range(3)]
+    items, queries = rng.standard_normal((10, 8)), rng.standard_normal((7, 8))
+    builder = Store(tmp_path).begin(HAND_PLAN, new_plan=lambda: {"queries": {"count": 7}})
+    assert builder.kinds() == ["items", "queries"] and builder.missing("queries") == [0, 1, 2]
+    for of, ids, vectors in (("items", item_ids, items), ("queries", query_ids, queries)):
+        for p in range(3):
+            start, stop = builder.bounds(p, of)
+            builder.write(p, ids[start:stop], vectors[start:stop], of)
+    assert builder.missing("queries") == [] and builder.missing("items") == []
+    version = builder.finish()
+
+    manifest = json.loads((version.path / "manifest.json").read_text())
+    assert manifest["count"] == 10
+    assert [s["file"] for s in manifest["shards"]] == [f"part-0000{p}.parquet" for p in range(3)]
+    assert manifest["queries"]["count"] == 7
+    assert [s["file"] for s in manifest["queries"]["shards"]] == [f"queries-part-0000{p}.parquet" for p in range(3)]
+    assert pq.read_schema(version.path / "queries-part-00001.parquet").names == ["query_id", "vector"]
+    vector_type = pq.read_schema(version.path / "queries-part-00001.parquet").field("vector").type
+    assert str(vector_type).endswith("halffloat>[8]")
+
+    assert version.ids() == version.item_ids() == item_ids and version.ids(of="queries") == query_ids
+    assert len(version) == version.count() == 10 and version.count("queries") == 7
+    np.testing.assert_allclose(version.vectors(), unit_rows(items), atol=2e-3)
+    np.testing.assert_allclose(version.vectors(of="queries"), unit_rows(queries), atol=2e-3)
+    np.testing.assert_allclose(version.vectors(4, of="queries"), unit_rows(queries[:, :4]), atol=3e-3)  # the prefix
+    assert version.vectors(of="queries").dtype == np.float32
+    np.testing.assert_array_equal(version.rows([query_ids[5], "t-unknown", query_ids[0]], of="queries"), [5, -1, 0])
+    np.testing.assert_array_equal(version.rows([query_ids[5], item_ids[2]]), [-1, 2])  # the kinds never mix
+    np.testing.assert_array_equal(version.lookup([query_ids[6]], 4, of="queries"),
+                                  version.vectors(4, of="queries")[[6]])
+    with pytest.raises(KeyError, match="query ids are not in store version"):
+        version.lookup(["t-unknown"], of="queries")
+
+    # queries added later: one more shard of their own, old rows and the items untouched; a stale
+    # query shard (an add killed before its manifest update) is invisible and removed
+    stale = version.path / "queries-part-inc-19990101T000000000000Z.parquet"
+    shutil.copy(version.path / "queries-part-00000.parquet", stale)
+    assert version.add([query_id("blue shoes", None), query_ids[0]], rng.standard_normal((2, 8)), of="queries") == 1
+    assert not stale.exists() and version.count("queries") == 8
+    assert version.ids(of="queries")[-1] == query_id("blue shoes", None)
+    np.testing.assert_allclose(version.vectors(of="queries")[:7], unit_rows(queries), atol=2e-3)
+    assert version.manifest["shards"] == manifest["shards"] and len(version) == 10
+    reopened = Store(tmp_path).open(version.name)
+    assert reopened.ids(of="queries") == version.ids(of="queries") and reopened.ids() == item_ids
+
+
+def test_a_version_written_before_queries_were_stored_still_opens(tmp_path):
+    folder = tmp_path / "store" / "v1-stage2"
+    folder.mkdir(parents=True)
+    write_shard(folder / "part-00000.parquet", ["a", "b"], np.eye(2, 8))
+    plan = {"version": "v1-stage2", **HAND_PLAN, "partitions": 1, "items": 2, "items_digest": "4567",
+            "item_view": ITEM_VIEW, "bidirectional": True}  # as versions were planned before: no log
+    (folder / "plan.json").write_text(json.dumps(plan))
+    manifest = {**plan, "count": 2, "shards": [{"file": "part-00000.parquet", "count": 2}], "created_at": "then"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    version = Store(tmp_path).latest()
+    assert version.ids() == ["a", "b"] and version.ids(of="queries") == [] and version.count("queries") == 0
+    assert version.vectors().shape == (2, 8) and version.vectors(4, of="queries").shape == (0, 4)
+    np.testing.assert_array_equal(version.rows(["b", "a"]), [1, 0])
+    np.testing.assert_array_equal(version.rows(["a"], of="queries"), [-1])
+    builder = Store(tmp_path).builder("v1-stage2")
+    assert builder.kinds() == ["items"] and builder.missing("queries") == [] and builder.count("queries") == 0
+    with pytest.raises(ValueError, match="a store version holds"):
+        version.ids(of="users")
+
+    assert version.add(["tq1"], np.ones((1, 8)), of="queries") == 1  # its first queries, added later
+    assert version.count("queries") == 1 and version.ids() == ["a", "b"] and len(version) == 2
+
+
 # Runs `moon embed`, but the second shard write hangs after writing its temporary file and
 # before the rename: the test kills the process there, as a crash or a pre-emption would.
 KILLED_IN_SECOND_SHARD = """
@@ -126,7 +206,8 @@ def test_a_killed_run_resumes_with_only_its_missing_partitions(run_dir, tmp_path
     first = (folder / "part-00000.parquet").stat()
 
     written, real_write = [], VersionBuilder.write
-    monkeypatch.setattr(VersionBuilder, "write", lambda self, p, *a: (written.append(p), real_write(self, p, *a)))
+    monkeypatch.setattr(VersionBuilder, "write",
+                        lambda self, p, *a, **k: (written.append(p), real_write(self, p, *a, **k)))
     resumed = embed_catalogue(load_config(None, overrides), run_dir)
     assert written == list(range(1, 10))  # the first shard is not computed again
     kept = (folder / "part-00000.parquet").stat()

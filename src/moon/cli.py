@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from moon import __version__, ui
-from moon.config import MoonConfig, load_config, render_yaml
+from moon.config import CTR_MODELS, MoonConfig, load_config, render_yaml
 from moon.errors import UserError
 from moon.run import RunDir
 
@@ -121,19 +121,22 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int):
 
 
 @cli.command()
-@click.option("--model", help="stage (stage2, stage1, pretrain) or model directory "
+@click.option("--model", help="stage (stage2, stage1, pretrain), model directory, or a model made without training: "
+              "baseline (the non-learned baseline), random (placebo), truth (the simulated world's oracle) "
               "(default: the latest trained stage; with --incremental: the model that made the version)")
-@click.option("--incremental", is_flag=True, help="embed only the catalogue items the version lacks and add them to it")
+@click.option("--incremental", is_flag=True, help="embed only the catalogue items and log queries the version lacks "
+              "and add them to it")
 @click.option("--version", "version", help="store version to make or resume (default: the unfinished or current one "
               "of this model and catalogue, else a new v<N>-<model>); with --incremental, the one to add to")
 @stage_command
 def embed(config: MoonConfig, run_dir: Path, model: str | None, incremental: bool, version: str | None):
-    """Embed the catalogue into a representation store version (resumable; run under torchrun for several processes)."""
+    """Embed the catalogue and the log's queries into a representation store version (resumable; run under
+    torchrun for several processes)."""
     from moon.represent import embed_catalogue
 
     stored = embed_catalogue(config, run_dir, model=model, version=version, incremental=incremental)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
-        click.echo(f"store version {stored.path}: {len(stored):,} items")
+        click.echo(f"store version {stored.path}: {len(stored):,} items, {stored.count('queries'):,} queries")
 
 
 @cli.command()
@@ -177,6 +180,43 @@ def report(config: MoonConfig, run_dir: Path):
 
     path = build_report(config, run_dir)
     click.echo(f"report -> {path} (metrics: {path.with_name('metrics.json')})")
+
+
+@cli.group(cls=MoonGroup)
+def ctr():
+    """CTR prediction over stored representations: samples, models (ID-only DNN, DIN, CUBE), evaluation."""
+
+
+@ctr.command("build")
+@stage_command
+def ctr_build(config: MoonConfig, run_dir: Path):
+    """Build CTR samples (one per impression) and the per-user behaviour side tables from the log."""
+    from moon.ctr.samples import build_samples
+
+    build_samples(config, run_dir)
+
+
+@ctr.command("train")
+@click.option("--model", "models", multiple=True, type=click.Choice(CTR_MODELS),
+              help="model to train (repeatable; default: ctr.models)")
+@stage_command
+def ctr_train(config: MoonConfig, run_dir: Path, models: tuple[str, ...]):
+    """Train CTR models, one run per seed of ctr.seeds; runs trained before are reused (torchrun for several processes)."""
+    from moon.ctr.train import train
+
+    for folder in train(config, run_dir, list(models) or None):
+        ui.log(f"[dim]{folder}[/dim]")
+
+
+@ctr.command("eval")
+@stage_command
+def ctr_eval(config: MoonConfig, run_dir: Path):
+    """Score every trained CTR model on the test days: AUC, gAUC, logloss with CIs, lifts over DIN, segments."""
+    from moon.ctr.evaluate import evaluate as run_eval
+    from moon.ctr.evaluate import print_results
+
+    print_results(run_eval(config, run_dir))
+    ui.log(f"results -> {RunDir(run_dir).ctr_results}")
 
 
 @cli.command()

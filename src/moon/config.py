@@ -313,6 +313,62 @@ class EvalConfig(Section):
         return sorted(set(ks))
 
 
+CTR_MODELS = ("dnn", "din", "cube")
+
+
+class CubeBranches(Section):
+    """CUBE's parts beside DIN's ID attention, each switchable for ablations."""
+
+    content: bool = Field(True, description="content interest: behaviour representations pooled by their cosine to the target")
+    fusion: bool = Field(True, description="fusion interest: behaviour ID embeddings pooled by the same cosines")
+    query_similarity: bool = Field(True, description="the cosine between the target's and the query's representations")
+    query_sequence: bool = Field(True, description="the same pooling over the user's past queries")
+
+
+class CtrConfig(Section):
+    """CTR prediction over stored representations (`moon ctr build|train|eval`)."""
+
+    features: str | None = Field(None, description="YAML feature spec (default: the embedded ctr_features.yaml)")
+    representations: str | list[str] | None = Field(
+        None, description="store version of the representation features, by name (v2-stage2) or by the model that "
+        "made it (stage2, baseline, random, truth); a list trains each representation model once per version "
+        "(default: the version the feature spec names)",
+    )
+    dim: int | None = Field(None, gt=0, description="Matryoshka dim of the representations (default: the spec's)")
+    models: list[str] = Field(["dnn", "din", "cube"], description=f"models `moon ctr train` trains: {', '.join(CTR_MODELS)}")
+    cube: CubeBranches = Field(default_factory=CubeBranches, description="CUBE branches (ablations)")
+    top_k: int | None = Field(None, gt=0, description="keep only the K behaviours most similar to the target (long sequences)")
+    max_len: int = Field(50, gt=0, le=10_000, description="behaviour items a sample sees (the latest before its ts)")
+    query_max_len: int = Field(20, gt=0, le=10_000, description="past queries a sample sees")
+    embedding_dim: int = Field(16, gt=0, description="width of every learned ID embedding")
+    hidden: list[int] = Field([128, 64], description="the predictor MLP's hidden widths")
+    attention_hidden: list[int] = Field([32], description="DIN's attention MLP hidden widths")
+    batch_size: int = Field(512, gt=0, description="samples per training step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (the same for every compared model)")
+    embedding_decay: float = Field(0.0, ge=0, description="decoupled weight decay of the ID embedding tables (AdamW)")
+    max_epochs: int = Field(10, gt=0, description="epochs at most; early stopping on valid AUC ends most runs sooner")
+    patience: int = Field(2, ge=0, description="epochs without a better valid AUC before stopping")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds: their spread is the noise floor")
+    long_tail_share: float = Field(
+        0.5, gt=0, lt=1, description="segment 'long-tail shops': the least shown shops holding this share of shops"
+    )
+    short_history: int = Field(5, ge=0, description="segment 'short history': users with at most this many behaviours")
+
+    def versions(self) -> list[str | None]:
+        """The representation versions to train on, one run each (None: the spec's own)."""
+        if isinstance(self.representations, list):
+            return list(self.representations) or [None]
+        return [self.representations]
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: list[str]) -> list[str]:
+        unknown = sorted(set(models) - set(CTR_MODELS))
+        if unknown or not models:
+            raise ValueError(f"unknown models {unknown}; choose among {', '.join(CTR_MODELS)}")
+        return models
+
+
 class MoonConfig(Section):
     """A whole run: the name of its run directory, the seed, and one section per stage."""
 
@@ -327,6 +383,7 @@ class MoonConfig(Section):
     posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig, description="contrastive post-training")
     store: StoreConfig = Field(default_factory=StoreConfig, description="versioned catalogue representations")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="offline retrieval metrics")
+    ctr: CtrConfig = Field(default_factory=CtrConfig, description="CTR prediction over stored representations")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from moon import ui
 from moon.config import MoonConfig
+from moon.ctr import evaluate as ctr_evaluate
+from moon.ctr import samples as ctr_samples
+from moon.ctr import train as ctr_train
 from moon.eval import retrieval
 from moon.io.tables import has_table, read_manifest
 from moon.pairs import build as pairs
@@ -65,8 +68,23 @@ def embed_stage2(config: MoonConfig, run_dir: Path):
 
 
 def stage2_version(run_dir: Path) -> str | None:
-    """The newest store version made by the stage-2 weights now in the run, if any."""
-    return Store(run_dir).made_by(RunDir(run_dir).model("stage2"))
+    """The newest store version made by the stage-2 weights now in the run that holds the log's
+    queries too (a version made before queries were stored is made again), if any."""
+    store = Store(run_dir)
+    version = store.made_by(RunDir(run_dir).model("stage2"))
+    if version is None or (store.open(version).count("queries") == 0 and has_table(run_dir, "events")):
+        return None
+    return version
+
+
+def embed_baseline(config: MoonConfig, run_dir: Path):
+    """The catalogue and queries embedded by the non-learned baseline: CUBE's yardstick."""
+    return embed_catalogue(config, run_dir, model="baseline")
+
+
+def _has_baseline_version(config: MoonConfig, run_dir: Path) -> bool:
+    store = Store(run_dir)
+    return any(store.open(name).manifest.get("model") == "baseline" for name in store.versions())
 
 
 def index_stage2(config: MoonConfig, run_dir: Path):
@@ -87,6 +105,10 @@ DEMO: list[Stage] = [
     Stage("embed", embed_stage2, (), (), current=lambda config, run_dir: stage2_version(run_dir) is not None),
     Stage("index", index_stage2, (), (), current=_stage2_indexed),
     Stage("eval retrieval", retrieval.evaluate, (), (), lambda run_dir: retrieval.print_saved(run_dir)),
+    Stage("embed baseline", embed_baseline, (), (), current=_has_baseline_version),
+    Stage("ctr build", ctr_samples.build_samples, ctr_samples.SECTIONS, ctr_samples.OUTPUTS),
+    Stage("ctr train", ctr_train.train, (), ()),  # always runs: it reuses every run trained before
+    Stage("ctr eval", ctr_evaluate.evaluate, (), (), ctr_evaluate.print_saved),
     Stage("report", build_report, (), (), print_location),
 ]
 

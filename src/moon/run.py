@@ -13,7 +13,10 @@ strings of its own:
       train/<stage>/                           its resumable checkpoint and training log
       store/<version>/                         a representation store version
       index/<version>/                         the vector index of a store version
+      ctr_samples/ ctr_behaviour/ ctr_queries/ tables of `moon ctr build`
+      ctr/<label>-<digest>/seed-<s>/           a trained CTR model, its result and test predictions
       eval/retrieval.json                      recall of every model
+      eval/ctr.json                            CTR metrics, lifts and segments of every CTR model
       eval/predictions/<model>.parquet         each image-search query's top results
       report/report.html, report/metrics.json  the run's report
 """
@@ -87,6 +90,13 @@ class RunDir:
         """The vector indexes of one store version (`full/`, `dim-<d>/`)."""
         return self.root / "index" / version
 
+    # ---- application
+
+    @property
+    def ctr_models(self) -> Path:
+        """Trained CTR models: one folder per model and settings, one sub-folder per seed."""
+        return self.root / "ctr"
+
     # ---- evaluation and report
 
     @property
@@ -96,6 +106,10 @@ class RunDir:
     @property
     def retrieval_results(self) -> Path:
         return self.eval / "retrieval.json"
+
+    @property
+    def ctr_results(self) -> Path:
+        return self.eval / "ctr.json"
 
     def predictions(self, model: str) -> Path:
         """One model's image-search rankings: query id, top-K item ids and scores."""

@@ -43,6 +43,7 @@ BATCH = 4096  # texts per TF-IDF batch
 STATE_FILE = "baseline.pkl"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+TEXT_DIMS = 128  # the text part's LSA dims unless `fit` is told otherwise: dim = TEXT_DIMS + IMAGE_DIMS
 
 
 class BaselineEmbedder:
@@ -70,7 +71,7 @@ class BaselineEmbedder:
 
     @classmethod
     def fit(
-        cls, items: pa.Table, extra_texts: Iterable[str] = (), text_dims: int = 128, seed: int = 0
+        cls, items: pa.Table, extra_texts: Iterable[str] = (), text_dims: int = TEXT_DIMS, seed: int = 0
     ) -> BaselineEmbedder:
         """Fits the text part on the items' richer texts and `extra_texts` (e.g. query texts)."""
         if text_dims < 1:

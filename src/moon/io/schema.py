@@ -148,6 +148,39 @@ REJECT_REASONS = (
     "missing_id",
 )
 
+# CTR samples (`moon ctr build`): one row per impression. A sample's behaviour is not copied
+# into it: it is looked up at load time in the per-user side tables below, strictly before `ts`.
+CTR_SAMPLES = pa.schema(
+    [
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("day", pa.int16(), nullable=False),  # days since the log's first day
+        pa.field("split", pa.string(), nullable=False),  # one of SPLITS, by day as in the pairs stage
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),  # the search (session) that showed the item
+        pa.field("query_id", pa.string(), nullable=False),  # moon.queries.query_id
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),  # 1 if the impression was clicked
+    ]
+)
+# Each user's behaviour: items clicked, carted or bought, in time order.
+CTR_BEHAVIOUR = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),  # click, cart or purchase
+    ]
+)
+# Each user's searches, in time order.
+CTR_QUERIES = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("ts", TIMESTAMP, nullable=False),
+        pa.field("query_id", pa.string(), nullable=False),
+    ]
+)
+
 TABLES = {
     "items": ITEMS,
     "events": EVENTS,
@@ -158,4 +191,7 @@ TABLES = {
     "pairs_stage2": PAIRS,
     "eval_image_search": EVAL_IMAGE_SEARCH,
     "near_duplicates": NEAR_DUPLICATES,
+    "ctr_samples": CTR_SAMPLES,
+    "ctr_behaviour": CTR_BEHAVIOUR,
+    "ctr_queries": CTR_QUERIES,
 }

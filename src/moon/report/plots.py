@@ -92,3 +92,21 @@ def _lines(ax, series: Series, emphasise: str | None = None) -> None:
         bold = label == emphasise
         ax.plot(x, y, label=label, linewidth=2.2 if bold else 1.0, color="black" if bold else None)
     ax.grid(alpha=0.3)
+
+
+def segment_lifts(title: str, lifts: Mapping[str, Mapping[str, float]]) -> str:
+    """Horizontal bars: one group per segment, one bar per model, the lift in AUC over the base."""
+    segments = list(next(iter(lifts.values())))
+    figure = Figure(figsize=(7.0, 0.32 * len(segments) * max(len(lifts), 1) + 1.2), layout="constrained")
+    ax = figure.subplots()
+    height = 0.8 / max(len(lifts), 1)
+    for i, (label, by_segment) in enumerate(lifts.items()):
+        ax.barh([s + i * height for s in range(len(segments))], [by_segment.get(name, 0.0) for name in segments],
+                height=height, label=label)
+    ax.set_yticks([s + 0.4 - height / 2 for s in range(len(segments))], segments)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set(title=title, xlabel="ΔAUC")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3, axis="x")
+    return embed(figure, title)

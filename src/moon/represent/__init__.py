@@ -1,4 +1,5 @@
-"""Representation production: the catalogue embedded into versions of the representation store."""
+"""Representation production: the catalogue and the log's queries embedded into versions of the
+representation store, by a trained model (`batch`, `encoders`) or without one (`controls`)."""
 
 from moon.represent.batch import embed_catalogue
 

@@ -1,15 +1,28 @@
-"""The versioned representation store: one vector per catalogue item and model, in float16 shards.
+"""The versioned representation store: one vector per catalogue item and per distinct query of
+the behaviour log, for one model, in float16 shards.
 
 Layout, inside the run directory:
 
     store/
       v1-stage2/                        version 1, made by the stage-2 model
         plan.json                       what the version is made from; written first
-        part-00000.parquet              partition 0 of `partitions`: (item_id, vector) rows
+        part-00000.parquet              item partition 0 of `partitions`: (item_id, vector) rows
         ...
         part-inc-20260105T101500123456Z.parquet   items added later (`moon embed --incremental`)
+        queries-part-00000.parquet      query partition 0 of `partitions`: (query_id, vector) rows
+        ...
+        queries-part-inc-20260105T101500123456Z.parquet   queries added later
         manifest.json                   written last; it lists the shards and their counts
       v2-stage2/
+
+**Items and queries.** A version holds two kinds of rows (`ROW_KINDS`), each in shards of its own:
+"items", keyed by `item_id`, and "queries", keyed by `moon.queries.query_id`. The manifest
+lists the item shards at its top level (`count`, `shards`) and the query shards in a block
+of their own, `"queries": {"count": n, "shards": [...]}`; a version without that block (one
+made before queries were stored, from a run without a behaviour log, or by a model that
+describes items only: its `queries_absent` says why) holds no queries. Every method that reads
+or writes rows takes `of="items"` (the default) or `of="queries"`; both kinds take the same
+code path, so everything below holds for both.
 
 **Names.** A version is `v<N>-<model label>`: N is one more than the highest N in the store
 (finished or not), so names sort by age and say which model made them. `latest()` is the
@@ -34,7 +47,8 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,7 +58,7 @@ import pyarrow.parquet as pq
 
 from moon.errors import UserError
 from moon.io.atomic import atomic_json, atomic_parquet
-from moon.io.tables import MANIFEST, utc_now
+from moon.io.tables import MANIFEST, table_path, utc_now
 from moon.run import RunDir
 from moon.vectors import unit_rows
 
@@ -52,11 +66,31 @@ PLAN = "plan.json"
 DTYPE = "float16"
 NAME = re.compile(r"^v(\d+)-[A-Za-z0-9_.-]+$")
 # A run with the same values of these continues (or reuses) a version instead of making a new one.
-PLAN_KEYS = ("checkpoint_digest", "items_digest", "partitions", "item_view", "bidirectional", "dtype")
+PLAN_KEYS = ("checkpoint_digest", "items_digest", "events_digest", "partitions", "item_view", "bidirectional",
+             "dtype")
+ITEMS, QUERIES = "items", "queries"
 
 
-def shard_name(partition: int) -> str:
-    return f"part-{partition:05d}.parquet"
+@dataclass(frozen=True)
+class RowKind:
+    """One kind of row a version holds: the column of its ids and the prefix of its shards."""
+
+    name: str
+    key: str  # the id column of its shards
+    prefix: str  # shards are <prefix>NNNNN.parquet, increments <prefix>inc-<time>.parquet
+
+
+ROW_KINDS = {ITEMS: RowKind(ITEMS, "item_id", "part-"), QUERIES: RowKind(QUERIES, "query_id", "queries-part-")}
+
+
+def row_kind(of: str) -> RowKind:
+    if of not in ROW_KINDS:
+        raise ValueError(f"of={of!r}: a store version holds {' or '.join(map(repr, ROW_KINDS))}")
+    return ROW_KINDS[of]
+
+
+def shard_name(partition: int, of: str = ITEMS) -> str:
+    return f"{row_kind(of).prefix}{partition:05d}.parquet"
 
 
 def partition_bounds(items: int, partitions: int, partition: int) -> tuple[int, int]:
@@ -84,14 +118,23 @@ def _digest_of_files(stats: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_shard(path: Path, item_ids: Sequence[str], vectors: np.ndarray) -> int:
+def table_digest(run_dir: Path, name: str) -> str:
+    """Which table a version is made from: the hash of its manifest (a rewritten table has a new one)."""
+    return _digest((table_path(run_dir, name) / MANIFEST).read_bytes())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def write_shard(path: Path, ids: Sequence[str], vectors: np.ndarray, of: str = ITEMS) -> int:
     """Writes L2-normalised float16 vectors to a hidden temporary file, then renames it to `path`."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) != len(item_ids):
-        raise ValueError(f"{len(item_ids)} item ids need a ({len(item_ids)}, dim) array, got {vectors.shape}")
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"{len(ids)} ids need a ({len(ids)}, dim) array, got {vectors.shape}")
     vectors = unit_rows(vectors).astype(np.float16)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), type=pa.float16()), vectors.shape[1])
-    table = pa.table({"item_id": pa.array(list(item_ids), type=pa.string()), "vector": column})
+    table = pa.table({row_kind(of).key: pa.array(list(ids), type=pa.string()), "vector": column})
     atomic_parquet(table, path)
     return table.num_rows
 
@@ -149,9 +192,11 @@ class Store:
         numbers = [int(NAME.match(name).group(1)) for name in self.names()]
         return f"v{max(numbers, default=0) + 1}-{re.sub(r'[^A-Za-z0-9_.-]', '-', label)}"
 
-    def begin(self, plan: dict, name: str | None = None) -> VersionBuilder:
+    def begin(self, plan: dict, name: str | None = None, new_plan: Callable[[], dict] | None = None) -> VersionBuilder:
         """The version to fill for `plan`: `name`, else the newest one made from the same plan
-        (finished: it is current; unfinished: it is resumed), else a new `v<N>-<model>`."""
+        (finished: it is current; unfinished: it is resumed), else a new `v<N>-<model>`.
+        `new_plan()` gives what a new version's plan adds, computed only for a new version
+        (e.g. the count of the log's distinct queries: a pass over the log)."""
         if name is not None and not NAME.match(name):
             raise UserError(f"store version name '{name}' must look like v<N>-<label>, e.g. v3-stage2")
         name = name or self._same_plan(plan) or self.next_name(plan["model"])
@@ -159,11 +204,11 @@ class Store:
         if (path / PLAN).exists():
             made_from = json.loads((path / PLAN).read_text())
             if not same_plan(made_from, plan):
-                raise UserError(f"store version {name} is made from another model or catalogue "
+                raise UserError(f"store version {name} is made from another model, catalogue or log "
                                 f"(checkpoint {made_from['checkpoint_digest']}): choose a new --version name")
         else:
             path.mkdir(parents=True, exist_ok=True)
-            atomic_json(path / PLAN, {"version": name, **plan})
+            atomic_json(path / PLAN, {"version": name, **plan, **(new_plan() if new_plan else {})})
         remove_temporary(path)
         return VersionBuilder(path)
 
@@ -183,7 +228,10 @@ def same_plan(a: dict, b: dict) -> bool:
 
 
 class VersionBuilder:
-    """A version being made one partition at a time; processes write disjoint partitions."""
+    """A version being made one partition at a time; processes write disjoint partitions.
+
+    Its plan says which kinds it holds: items always, queries when the plan has a `queries`
+    block (`{"count": n}`); each kind is split into the plan's `partitions`."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -194,27 +242,63 @@ class VersionBuilder:
     def finished(self) -> bool:
         return (self.path / MANIFEST).exists()
 
-    def missing(self) -> list[int]:
-        """Partitions without a shard: a resumed run computes only these."""
-        return [p for p in range(self.plan["partitions"]) if not (self.path / shard_name(p)).exists()]
+    def kinds(self) -> list[str]:
+        """The kinds of row this version is planned to hold."""
+        return [ITEMS, QUERIES] if QUERIES in self.plan else [ITEMS]
 
-    def write(self, partition: int, item_ids: Sequence[str], vectors: np.ndarray) -> None:
-        write_shard(self.path / shard_name(partition), item_ids, vectors)
+    def count(self, of: str = ITEMS) -> int:
+        """Rows of one kind the version is planned to hold (0 for a kind it does not hold)."""
+        if of not in self.kinds():
+            return 0
+        return self.plan[ITEMS] if of == ITEMS else self.plan[QUERIES]["count"]
+
+    def bounds(self, partition: int, of: str = ITEMS) -> tuple[int, int]:
+        """Rows [start, stop) of partition `partition` of one kind."""
+        return partition_bounds(self.count(of), self.plan["partitions"], partition)
+
+    def missing(self, of: str = ITEMS) -> list[int]:
+        """Partitions of one kind without a shard: a resumed run computes only these."""
+        if of not in self.kinds():
+            return []
+        return [p for p in range(self.plan["partitions"]) if not (self.path / shard_name(p, of)).exists()]
+
+    def write(self, partition: int, ids: Sequence[str], vectors: np.ndarray, of: str = ITEMS) -> None:
+        write_shard(self.path / shard_name(partition, of), ids, vectors, of)
 
     def finish(self, **extra) -> StoreVersion:
         """Writes the manifest, which makes the version visible; every partition must have its shard."""
-        if self.missing():
-            raise RuntimeError(f"{self.name}: partitions {self.missing()} have no shard yet")
-        shards = [{"file": shard_name(p), "count": pq.read_metadata(self.path / shard_name(p)).num_rows}
-                  for p in range(self.plan["partitions"])]
-        count = sum(shard["count"] for shard in shards)
-        manifest = {**self.plan, "count": count, "shards": shards, "created_at": utc_now(), **extra}
+        blocks = {}
+        for of in self.kinds():
+            if self.missing(of):
+                raise RuntimeError(f"{self.name}: {of} partitions {self.missing(of)} have no shard yet")
+            shards = [{"file": shard_name(p, of), "count": pq.read_metadata(self.path / shard_name(p, of)).num_rows}
+                      for p in range(self.plan["partitions"])]
+            blocks[of] = {"count": sum(shard["count"] for shard in shards), "shards": shards}
+        manifest = {**self.plan, "created_at": utc_now(), **extra}
+        for of, block in blocks.items():
+            manifest = with_block(manifest, of, block)
         atomic_json(self.path / MANIFEST, manifest)
         return StoreVersion(self.path)
 
 
+def block(manifest: dict, of: str = ITEMS) -> dict:
+    """The manifest's {"count", "shards"} of one kind; items' live at its top level (as in every
+    version ever written), queries' in their own block; no block: the version holds none."""
+    if row_kind(of).name == ITEMS:
+        return {"count": manifest["count"], "shards": manifest["shards"]}
+    listed = manifest.get(QUERIES)
+    return listed if isinstance(listed, dict) and "shards" in listed else {"count": 0, "shards": []}
+
+
+def with_block(manifest: dict, of: str, listed: dict) -> dict:
+    """A copy of `manifest` that lists `listed` ({"count", "shards"}) as its rows of one kind."""
+    if row_kind(of).name == ITEMS:
+        return {**manifest, "count": listed["count"], "shards": listed["shards"]}
+    return {**manifest, QUERIES: {"count": listed["count"], "shards": listed["shards"]}}
+
+
 class StoreVersion:
-    """A finished version: ids and vectors of every item it holds, read on first use."""
+    """A finished version: ids and vectors of every item (and query) it holds, read on first use."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -223,11 +307,15 @@ class StoreVersion:
 
     def _load_manifest(self) -> None:
         self.manifest = json.loads((self.path / MANIFEST).read_text())
-        self._table: pa.Table | None = None
-        self._rows: dict[str, int] | None = None
+        self._tables: dict[str, pa.Table] = {}
+        self._rows: dict[str, dict[str, int]] = {}
 
     def __len__(self) -> int:
         return self.manifest["count"]
+
+    def count(self, of: str = ITEMS) -> int:
+        """How many rows of one kind the version holds."""
+        return block(self.manifest, of)["count"]
 
     @property
     def dim(self) -> int:
@@ -237,60 +325,69 @@ class StoreVersion:
     def matryoshka_dims(self) -> list[int]:
         return self.manifest["matryoshka_dims"]
 
-    def table(self) -> pa.Table:
-        """(item_id, float16 vector) rows of the shards the manifest lists, in its order."""
-        if self._table is None:
-            schema = pa.schema([("item_id", pa.string()), ("vector", pa.list_(pa.float16(), self.dim))])
-            shards = [pq.read_table(self.path / shard["file"]).cast(schema) for shard in self.manifest["shards"]]
-            self._table = pa.concat_tables(shards) if shards else schema.empty_table()
-        return self._table
+    def table(self, of: str = ITEMS) -> pa.Table:
+        """(id, float16 vector) rows of the shards the manifest lists, in its order: (item_id, vector)
+        for items, (query_id, vector) for queries."""
+        if of not in self._tables:
+            schema = pa.schema([(row_kind(of).key, pa.string()), ("vector", pa.list_(pa.float16(), self.dim))])
+            listed = block(self.manifest, of)["shards"]
+            shards = [pq.read_table(self.path / shard["file"]).cast(schema) for shard in listed]
+            self._tables[of] = pa.concat_tables(shards) if shards else schema.empty_table()
+        return self._tables[of]
+
+    def ids(self, of: str = ITEMS) -> list[str]:
+        """The ids of every row of one kind, in the order of `vectors(of=...)`."""
+        return self.table(of)[row_kind(of).key].to_pylist()
 
     def item_ids(self) -> list[str]:
-        return self.table()["item_id"].to_pylist()
+        return self.ids(ITEMS)
 
-    def vectors(self, dim: int | None = None) -> np.ndarray:
-        """Every item's vector as float32 (count, dim), L2-normalised; a smaller `dim` is the
+    def vectors(self, dim: int | None = None, of: str = ITEMS) -> np.ndarray:
+        """Every row's vector as float32 (count, dim), L2-normalised; a smaller `dim` is the
         Matryoshka prefix, re-normalised."""
         dim = self._check_dim(dim)
-        flat = self.table()["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        flat = self.table(of)["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return unit_rows(flat.reshape(-1, self.dim)[:, :dim].astype(np.float32))
 
-    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Row of each id in `vectors()`, -1 where the version does not hold it."""
-        if self._rows is None:
-            self._rows = {item_id: i for i, item_id in enumerate(self.item_ids())}
-        return np.array([self._rows.get(item_id, -1) for item_id in item_ids], dtype=np.int64)
+    def rows(self, ids: Sequence[str], of: str = ITEMS) -> np.ndarray:
+        """Row of each id in `vectors(of=...)`, -1 where the version does not hold it."""
+        if of not in self._rows:
+            self._rows[of] = {key: i for i, key in enumerate(self.ids(of))}
+        found = self._rows[of]
+        return np.array([found.get(key, -1) for key in ids], dtype=np.int64)
 
-    def lookup(self, item_ids: Sequence[str], dim: int | None = None) -> np.ndarray:
-        """Vectors of `item_ids`, in their order; KeyError if the version lacks any."""
-        rows = self.rows(item_ids)
+    def lookup(self, ids: Sequence[str], dim: int | None = None, of: str = ITEMS) -> np.ndarray:
+        """Vectors of `ids`, in their order; KeyError if the version lacks any."""
+        rows = self.rows(ids, of)
         if (rows < 0).any():
-            missing = [item_id for item_id, row in zip(item_ids, rows) if row < 0]
-            raise KeyError(f"{len(missing)} item ids are not in store version {self.name}, e.g. {missing[0]!r}")
-        return self.vectors(dim)[rows]
+            missing = [key for key, row in zip(ids, rows) if row < 0]
+            noun = row_kind(of).key.replace("_", " ")
+            raise KeyError(f"{len(missing)} {noun}s are not in store version {self.name}, e.g. {missing[0]!r}")
+        return self.vectors(dim, of)[rows]
 
-    def add(self, item_ids: Sequence[str], vectors: np.ndarray) -> int:
-        """Adds the items the version does not hold yet as one new shard, then rewrites the manifest
-        to list it (both by rename). One writer at a time; returns how many items were added."""
-        new = self.rows(item_ids) < 0
-        new &= ~_repeated(item_ids)
+    def add(self, ids: Sequence[str], vectors: np.ndarray, of: str = ITEMS) -> int:
+        """Adds the rows the version does not hold yet as one new shard, then rewrites the manifest
+        to list it (both by rename). One writer at a time; returns how many rows were added."""
+        new = self.rows(ids, of) < 0
+        new &= ~_repeated(ids)
         if not new.any():
             return 0
         self._remove_unlisted()
-        file = f"part-inc-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
-        count = write_shard(self.path / file, [i for i, keep in zip(item_ids, new) if keep], np.asarray(vectors)[new])
-        manifest = {**self.manifest, "count": len(self) + count, "updated_at": utc_now(),
-                    "shards": [*self.manifest["shards"], {"file": file, "count": count}]}
-        atomic_json(self.path / MANIFEST, manifest)
+        file = f"{row_kind(of).prefix}inc-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}.parquet"
+        count = write_shard(self.path / file, [i for i, keep in zip(ids, new) if keep], np.asarray(vectors)[new], of)
+        listed = block(self.manifest, of)
+        listed = {"count": listed["count"] + count, "shards": [*listed["shards"], {"file": file, "count": count}]}
+        atomic_json(self.path / MANIFEST, with_block({**self.manifest, "updated_at": utc_now()}, of, listed))
         self._load_manifest()
         return count
 
     def _remove_unlisted(self) -> None:
         """An add killed between its shard and its manifest left a shard nobody reads: remove it."""
-        listed = {shard["file"] for shard in self.manifest["shards"]}
-        for shard in self.path.glob("part-inc-*.parquet"):
-            if shard.name not in listed:
-                shard.unlink(missing_ok=True)
+        listed = {shard["file"] for of in ROW_KINDS for shard in block(self.manifest, of)["shards"]}
+        for kind in ROW_KINDS.values():
+            for shard in self.path.glob(f"{kind.prefix}inc-*.parquet"):
+                if shard.name not in listed:
+                    shard.unlink(missing_ok=True)
         remove_temporary(self.path)
 
     def _check_dim(self, dim: int | None) -> int:
@@ -301,11 +398,11 @@ class StoreVersion:
         return dim
 
 
-def _repeated(item_ids: Sequence[str]) -> np.ndarray:
+def _repeated(ids: Sequence[str]) -> np.ndarray:
     """True for every repeat of an id after its first occurrence."""
     seen: set[str] = set()
     flags = []
-    for item_id in item_ids:
-        flags.append(item_id in seen)
-        seen.add(item_id)
+    for key in ids:
+        flags.append(key in seen)
+        seen.add(key)
     return np.array(flags, dtype=bool)

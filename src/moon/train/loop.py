@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from moon import ui
 from moon.config import TrainLoop
 from moon.io.atomic import atomic_dir, atomic_json
 from moon.io.tables import MANIFEST, utc_now
@@ -74,6 +76,25 @@ class Processes:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def from_rank_zero(self, value):
+        """Rank 0's `value` on every rank: one process decides, all follow."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def progress(self, description: str, total: int, unit: str = "items"):
+        """Rank 0's progress bar over its own share; other ranks work silently."""
+        if self.is_main:
+            return ui.progress(description, total, unit=unit)
+        return nullcontext(lambda n=1: None)
+
+    def say(self, message: str) -> None:
+        """A log line from rank 0 only: every rank knows the same, one says it."""
+        if self.is_main:
+            ui.log(message)
 
     def stop(self) -> None:
         if self.world_size > 1 and dist.is_initialized():

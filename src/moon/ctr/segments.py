@@ -1,0 +1,60 @@
+"""Segments of the CTR test samples, where content should matter most or least.
+
+- `new items`: items launched during the log's period, or never shown before the test days
+  (their ID embeddings learned nothing: cold start);
+- `category: <root>`: the top level of the item's category path;
+- `long-tail shops`: the least-shown shops (impressions before the test days), as many as
+  `ctr.long_tail_share` of the shops;
+- `image queries`, `text queries`;
+- `short history`: users with at most `ctr.short_history` behaviours before the sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from moon.config import MoonConfig
+from moon.ctr.data import CtrData
+from moon.io.tables import read_table
+from moon.queries import PHOTO, kind
+
+MAX_CATEGORIES = 8  # the most shown top-level categories get a segment each
+
+
+def test_segments(config: MoonConfig, run_dir: Path, data: CtrData) -> dict[str, np.ndarray]:
+    """{segment name: boolean mask over the test samples, in the order of data.splits['test']}."""
+    samples = read_table(run_dir, "ctr_samples", ["item_id", "query_id", "split", "ts"])
+    items = read_table(run_dir, "items", ["item_id", "category", "shop_id", "created_at"])
+    test = data.splits["test"]
+    before = np.flatnonzero(samples["split"].to_numpy(zero_copy_only=False) != "test")
+    item_of = pc.index_in(samples["item_id"], value_set=items["item_id"]).to_numpy(zero_copy_only=False)
+    item_of = np.nan_to_num(item_of.astype(np.float64), nan=-1).astype(np.int64)
+    segments = {"all": np.ones(len(test), dtype=bool)}
+
+    start = samples["ts"].cast(pa.int64()).to_numpy().min() if len(samples) else 0
+    launched = items["created_at"].cast(pa.int64()).fill_null(0).to_numpy() > start
+    shown_before = np.zeros(len(items) + 1, dtype=bool)
+    shown_before[item_of[before]] = True
+    segments["new items"] = (launched[item_of[test]] | ~shown_before[item_of[test]]) & (item_of[test] >= 0)
+
+    roots = np.array([path[0] if path else "" for path in items["category"].to_pylist()] + [""], dtype=object)
+    test_roots = roots[item_of[test]]
+    names, counts = np.unique(test_roots, return_counts=True)
+    for name in names[np.argsort(-counts)][:MAX_CATEGORIES]:
+        segments[f"category: {name}"] = test_roots == name
+
+    shops = np.array(items["shop_id"].to_pylist() + [None], dtype=object)
+    shown = pc.value_counts(pa.array(shops[item_of[before]].tolist(), pa.string()).drop_null())
+    counts = dict(zip(shown.field("values").to_pylist(), shown.field("counts").to_pylist()))
+    every = sorted({s for s in shops if s is not None}, key=lambda s: (counts.get(s, 0), s))
+    tail = set(every[: round(len(every) * config.ctr.long_tail_share)])
+    segments["long-tail shops"] = np.array([shop in tail for shop in shops[item_of[test]]], dtype=bool)
+
+    photo = np.array([kind(q) == PHOTO for q in samples["query_id"].take(pa.array(test)).to_pylist()], dtype=bool)
+    segments["image queries"], segments["text queries"] = photo, ~photo
+    segments["short history"] = data.behaviour.lengths()[test] <= config.ctr.short_history
+    return segments
