@@ -328,7 +328,7 @@ class CubeBranches(Section):
 class CtrConfig(Section):
     """CTR prediction over stored representations (`moon ctr build|train|eval`)."""
 
-    features: str | None = Field(None, description="YAML feature spec (default: the embedded ctr_features.yaml)")
+    features: str | None = Field(None, description="YAML feature spec (default: the embedded configs/ctr/features.yaml)")
     representations: str | list[str] | None = Field(
         None, description="store version of the representation features, by name (v2-stage2) or by the model that "
         "made it (stage2, baseline, random, truth); a list trains each representation model once per version "

@@ -1,6 +1,6 @@
 """The CTR feature spec: a YAML list of features, each a name, a type and a source.
 
-The embedded `ctr_features.yaml` documents the format. A spec says *what* the features are;
+The embedded `configs/ctr/features.yaml` documents the format. A spec says *what* the features are;
 each model takes the kinds it uses: the ID-only DNN every categorical and numeric feature,
 DIN also the behaviour sequences, CUBE also the representations. Leaving a feature out of
 the spec leaves it out of every model.
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from moon.config import MoonConfig, describe_errors
 from moon.errors import UserError
 
-DEFAULT_SPEC = "ctr_features.yaml"
+DEFAULT_SPEC = "ctr/features.yaml"  # feature specs sit apart from the run configs in configs/
 # Columns a spec can name, by source (catalogue columns are derived from the items table).
 COLUMNS = {
     "sample": ("user_id", "position", "query_kind"),
