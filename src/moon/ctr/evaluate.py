@@ -29,7 +29,7 @@ from moon.ctr.features import load_spec
 from moon.ctr.segments import test_segments
 from moon.ctr.train import PREDICTIONS, RESULT, SETTINGS
 from moon.errors import UserError
-from moon.eval.metrics import ctr_lifts, ctr_metrics, seed_noise, segment_metrics
+from moon.eval.metrics import auc, ctr_lifts, ctr_metrics, grouped_auc, logloss, seed_noise
 from moon.io.atomic import atomic_json
 from moon.io.tables import read_manifest
 from moon.run import RunDir
@@ -51,7 +51,7 @@ def evaluate(config: MoonConfig, run_dir: Path) -> dict:
     models = {}
     for name, seeds in runs.items():
         models[name] = score(labels, users, requests, seeds, config.seed)
-        models[name]["segments"] = segment_scores(labels, users, requests, seeds, segments, config.seed)
+        models[name]["segments"] = segment_scores(labels, seeds, segments)
     base = next((name for name in models if name == BASE), None)
     if base is not None:
         for name, seeds in runs.items():
@@ -82,46 +82,58 @@ def trained_runs(run_dir: Path, config: MoonConfig) -> dict[str, dict[int, np.nd
     return dict(sorted(runs.items(), key=lambda item: (order.get(item[0], 2), item[0])))
 
 
+def point_metrics(labels, probs, users, requests) -> dict[str, float | None]:
+    """The four metrics' values alone (intervals cost resamples: only the first seed gets them)."""
+    values = {"auc": auc(labels, probs), "logloss": logloss(labels, probs)}
+    for metric, groups in (("gauc_user", users), ("gauc_request", requests)):
+        try:
+            values[metric] = grouped_auc(labels, probs, groups)
+        except ValueError:  # no group holds both labels
+            values[metric] = None
+    return values
+
+
 def score(labels, users, requests, seeds: dict[int, np.ndarray], seed: int) -> dict:
-    per_seed = {s: ctr_metrics(labels, p, users, requests, seed) for s, p in sorted(seeds.items())}
-    first = per_seed[min(per_seed)]
-    out = {"seeds": sorted(per_seed)}
+    per_seed = {s: point_metrics(labels, p, users, requests) for s, p in sorted(seeds.items())}
+    first = ctr_metrics(labels, seeds[min(seeds)], users, requests, seed)
+    out = {"seeds": sorted(per_seed), "per_seed": per_seed}
     for metric in METRICS:
-        values = [m[metric]["value"] for m in per_seed.values() if m[metric]["value"] is not None]
+        values = [m[metric] for m in per_seed.values() if m[metric] is not None]
         out[metric] = {"mean": float(np.mean(values)) if values else None, "seed_std": _noise(values),
                        "ci_first_seed": first[metric]["ci"]}
     return out
 
 
 def lift(labels, users, requests, base_seeds, model_seeds, models, base, name, seed: int) -> dict:
-    """Paired lifts over the base model, seed by seed (seeds both have)."""
+    """Paired lifts over the base model, seed by seed (seeds both have): on the same test rows the
+    paired difference is the difference of the two values; its interval is the first seed's."""
     shared = sorted(set(base_seeds) & set(model_seeds))
     if not shared:
         return {}
-    per_seed = [ctr_lifts(labels, base_seeds[s], model_seeds[s], users, requests, seed) for s in shared]
+    first = ctr_lifts(labels, base_seeds[shared[0]], model_seeds[shared[0]], users, requests, seed)
     out = {"seeds": shared}
     for metric in METRICS:
-        deltas = [p[metric]["delta"] for p in per_seed if p[metric]["delta"] is not None]
+        pairs = [(models[name]["per_seed"][s][metric], models[base]["per_seed"][s][metric]) for s in shared]
+        deltas = [a - b for a, b in pairs if a is not None and b is not None]
         noise = [models[n][metric]["seed_std"] for n in (base, name)]
         # The spread of a difference between one run of each model: both seed spreads combined.
         floor = float(np.sqrt(np.sum(np.square(noise)))) if all(v is not None for v in noise) else None
-        out[metric] = {"delta": float(np.mean(deltas)) if deltas else None, "ci_first_seed": per_seed[0][metric]["ci"],
+        out[metric] = {"delta": float(np.mean(deltas)) if deltas else None, "ci_first_seed": first[metric]["ci"],
                        "noise_floor": floor}
     return out
 
 
-def segment_scores(labels, users, requests, seeds, segments, seed: int) -> dict:
-    """AUC per segment: mean over seeds and seed std."""
-    per_seed = [segment_metrics(labels, p, users, requests, segments, seed, resamples=200) for p in seeds.values()]
+def segment_scores(labels, seeds: dict[int, np.ndarray], segments: dict[str, np.ndarray]) -> dict:
+    """AUC per segment: mean over seeds and seed std (segments without both labels are skipped)."""
     out = {}
-    for name in segments:
-        entries = [s[name] for s in per_seed]
-        if "skipped" in entries[0]:
-            out[name] = {"skipped": entries[0]["skipped"], "rows": entries[0]["rows"]}
+    for name, mask in segments.items():
+        rows, positives = int(mask.sum()), int(labels[mask].sum())
+        if positives in (0, rows):
+            out[name] = {"skipped": "AUC needs both clicked and unclicked rows", "rows": rows}
             continue
-        values = [e["auc"]["value"] for e in entries]
+        values = [auc(labels[mask], p[mask]) for _, p in sorted(seeds.items())]
         out[name] = {"auc": float(np.mean(values)), "seed_std": _noise(values), "per_seed": values,
-                     "rows": entries[0]["rows"], "positives": entries[0]["positives"]}
+                     "rows": rows, "positives": positives}
     return out
 
 
