@@ -165,7 +165,8 @@ def print_results(results: dict) -> None:
     ui.print_table(f"CTR on the test days ({results['test_rows']:,} impressions, {results['test_clicks']:,} clicks)",
                    rows, ("model", "seeds", "AUC", "seed std", "95% CI (1st seed)", "gAUC user", "logloss",
                           f"ΔAUC vs {results['base']}", "noise"))
-    names = [n for n in results["models"] if results["models"][n].get("segment_lift")]
+    # Segments for the models compared in the demo; ablations (-no_<branch>, -top<K>) stay in eval/ctr.json.
+    names = [n for n, m in results["models"].items() if m.get("segment_lift") and "-no_" not in n and "-top" not in n]
     if names:
         segments = list(results["models"][names[0]]["segment_lift"])
         rows = [(segment, results["segments"].get(segment, 0),
