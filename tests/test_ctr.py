@@ -225,3 +225,22 @@ def test_target_attention_equals_din_s_concatenated_form():
     weights = scores.squeeze(-1) * mask
     expected = (weights.unsqueeze(-1) * keys).sum(1) / mask.sum(1, keepdim=True)
     assert torch.allclose(attention(target, keys, mask.float(), extra), expected, atol=1e-6)
+
+
+def test_training_under_torchrun_with_two_processes(ctr_world, tmp_path):
+    """Two real gloo processes train DIN (each its slice of every batch) and rank 0 publishes one result."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+    from moon.ctr.train import RESULT
+
+    run = tmp_path / "run"
+    shutil.copytree(ctr_world, run)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "moon", "ctr", "train", "--run-dir", str(run), "--quiet",
+               "--model", "din", *TINY_WORLD, "name=tiny", *FAST]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = [json.loads(path.read_text()) for path in RunDir(run).ctr_models.glob(f"*/seed-*/{RESULT}")]
+    assert len(results) == 1 and results[0]["processes"] == 2 and 0.5 < results[0]["valid_auc"] <= 1.0
