@@ -126,7 +126,7 @@ def log_world(tiny_world, tmp_path_factory):
     from moon.run import RunDir
 
     run_dir = tmp_path_factory.mktemp("log-world")
-    for table in ("items", "events", "item_truth"):
+    for table in ("items", "events", "item_truth", "query_truth"):
         shutil.copytree(RunDir(tiny_world).table(table), RunDir(run_dir).table(table))
     publish_untrained(run_dir, "stage2", seed=0)
     return run_dir

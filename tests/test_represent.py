@@ -168,11 +168,10 @@ def test_random_vectors_are_a_function_of_seed_and_id_alone(run_dir, queries):
     np.testing.assert_array_equal(items_only.vectors(), version.vectors())
 
 
-def test_the_oracle_describes_items_only_and_needs_item_truth(run_dir):
+def test_the_oracle_is_the_worlds_truth_and_needs_it(run_dir, queries):
     version = embed_catalogue(config(), run_dir, model="truth")
     manifest = version.manifest
-    assert version.name == "v1-truth" and manifest["queries_absent"] == "the oracle describes items only"
-    assert version.count("queries") == 0 and "queries" not in manifest and manifest["matryoshka_dims"] == []
+    assert version.name == "v1-truth" and "queries_absent" not in manifest and manifest["matryoshka_dims"] == []
     assert manifest["weights"] == TRUTH_WEIGHTS and version.dim == manifest["style_dims"] + sum(
         len(values) for values in manifest["codes"].values())
 
@@ -190,8 +189,24 @@ def test_the_oracle_describes_items_only_and_needs_item_truth(run_dir):
     assert cosine[same_facts].min() > 0.99
     assert cosine[same_leaf].mean() > cosine[~same_leaf].mean() + 0.25  # the leaf leads, as in true relevance
 
-    added = embed_catalogue(config(), run_dir, incremental=True)  # the log has queries, the oracle takes none
-    assert added.count("queries") == 0
+    # Queries: a photo is the item photographed; a text keeps the leaf and the facts it names,
+    # so no item of another leaf matches it as well as the item in mind, and it says nothing of the look.
+    by_item = dict(zip(version.ids(), vectors))
+    in_mind = read_table(run_dir, "query_truth").to_pandas().set_index("query_id").item_id
+    assert version.ids(of="queries") == queries["query_id"].to_pylist()
+    style = slice(len(manifest["codes"]["leaf"]), len(manifest["codes"]["leaf"]) + manifest["style_dims"])
+    leaf_of = dict(zip(version.ids(), leaves))
+    for query, vector in zip(version.ids(of="queries"), version.vectors(of="queries")):
+        item = by_item[in_mind[query]]
+        if query.startswith("p"):
+            np.testing.assert_allclose(vector, item, atol=2e-3)
+        else:
+            other_leaves = leaves != leaf_of[in_mind[query]]
+            assert not vector[style].any() and item @ vector > (vectors[other_leaves] @ vector).max()
+
+    shutil.rmtree(RunDir(run_dir).table("query_truth"))  # a world simulated before query truth: items only
+    older = embed_catalogue(config(), run_dir, model="truth")
+    assert older.count("queries") == 0 and "has no query_truth table" in older.manifest["queries_absent"]
 
     shutil.rmtree(RunDir(run_dir).table("item_truth"))  # a world that was not simulated
     with pytest.raises(UserError, match="needs the simulated world's item_truth table"):

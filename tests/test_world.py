@@ -8,6 +8,7 @@ from conftest import TINY_WORLD
 from moon.config import load_config
 from moon.io import schema
 from moon.io.tables import read_manifest, read_table
+from moon.queries import query_ids
 from moon.sources.simulate.catalog import build_catalog, build_leaves, title
 from moon.sources.simulate.render import PATTERNS
 from moon.sources.simulate.write import simulate
@@ -25,7 +26,7 @@ def test_same_seed_same_world_other_seed_other_world(tmp_path):
     a = small_world(tmp_path / "a", "world.workers=1")  # drawn in-process; b by a pool of workers
     b = small_world(tmp_path / "b", "world.chunk_items=37")  # chunking must not change the world
     c = small_world(tmp_path / "c", "seed=1")
-    for table in ("items", "events", "users"):
+    for table in ("items", "events", "users", "query_truth"):
         assert read_table(a, table).equals(read_table(b, table)), table
     assert not read_table(a, "items").equals(read_table(c, "items"))
     assert not read_table(a, "events").equals(read_table(c, "events"))
@@ -33,7 +34,7 @@ def test_same_seed_same_world_other_seed_other_world(tmp_path):
 
 
 def test_tables_follow_the_schemas(tiny_world):
-    for name in ("items", "events", "users", "item_truth"):
+    for name in ("items", "events", "users", "item_truth", "query_truth"):
         table = read_table(tiny_world, name)
         assert table.schema.equals(schema.TABLES[name]), name
         assert table.num_rows > 0
@@ -108,6 +109,22 @@ def test_clicks_follow_the_users_visual_taste_at_the_same_position(tmp_path):
         differences.append(at.clicked[high].mean() - at.clicked[low].mean())
     assert all(d > 0 for d in differences), differences
     assert np.mean(differences) > 0.03, differences
+
+
+def test_query_truth_names_the_item_each_distinct_query_had_in_mind(tiny_world):
+    events = read_table(tiny_world, "events", ["session_id", "query_text", "query_image", "item_id", "action"])
+    events = events.append_column("query_id", query_ids(events["query_text"], events["query_image"])).to_pandas()
+    truth = read_table(tiny_world, "query_truth").to_pandas()
+    assert truth.query_id.is_unique and set(truth.query_id) == set(events.query_id)
+    assert set(truth.item_id) <= set(read_table(tiny_world, "items", ["item_id"])["item_id"].to_pylist())
+    in_mind = truth.set_index("query_id").item_id
+    # A photo is of the item in mind, which the engine's image search nearly always shows.
+    shown = events[(events.action == "impression") & events.query_id.str.startswith("p")]
+    found = shown.groupby("session_id").apply(lambda s: (s.item_id == in_mind[s.query_id.iloc[0]]).any())
+    assert len(found) > 20 and found.mean() > 0.8, found.mean()
+    texts = truth[truth.query_id.str.startswith("t")]
+    assert texts.names_colour.any() and not texts.names_colour.all()
+    assert not truth[truth.query_id.str.startswith("p")][["names_colour", "names_brand", "names_attribute"]].any().any()
 
 
 def test_new_items_appear_during_the_period(tiny_world):

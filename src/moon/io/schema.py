@@ -67,6 +67,18 @@ ITEM_TRUTH = pa.schema(
     ]
 )
 
+# What each simulated search query was about (ground truth, never model input): one row per
+# distinct query (`moon.queries.query_id`), for the oracle representation of queries.
+QUERY_TRUTH = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),  # the item the shopper had in mind (photographed, for a photo)
+        pa.field("names_colour", pa.bool_(), nullable=False),  # a text query that names the item's colour
+        pa.field("names_brand", pa.bool_(), nullable=False),
+        pa.field("names_attribute", pa.bool_(), nullable=False),
+    ]
+)
+
 # MOON's item views and the nine stage-1 query->item tasks (DESIGN.md section 1).
 ITEM_VIEWS = ("richer-text", "image", "title+image", "richer-text+image")
 TASKS = (
@@ -186,6 +198,7 @@ TABLES = {
     "events": EVENTS,
     "users": USERS,
     "item_truth": ITEM_TRUTH,
+    "query_truth": QUERY_TRUTH,
     "rejects": REJECTS,
     "pairs_stage1": PAIRS,
     "pairs_stage2": PAIRS,

@@ -26,8 +26,13 @@ only their full dimension (no Matryoshka dims).
   relevance is built: the leaf first, then the look (style, colour), then brand and the
   rest. The codes (every value of every attribute, sorted) are fixed in the plan when the
   version is made; a value added later, or a fact the table lacks, leaves its block zero; an
-  item with no facts at all is the zero vector. Queries: none; the manifest's
-  `queries_absent` says the oracle describes items only.
+  item with no facts at all is the zero vector. Queries come from the world's `query_truth`
+  table (what each query was about): a photo query is the vector of the item photographed;
+  a text query keeps only the blocks the simulator's relevance reads from a text: the leaf
+  of the item the shopper had in mind, and its colour and brand where the text names them
+  (the attribute a text may name is not among the blocks). A query the table lacks is the
+  zero vector; a world without the table (simulated by an older MOON) gets no queries, and
+  the manifest's `queries_absent` says why.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from moon.baseline.embedder import FORMAT_VERSION, STATE_FILE, TEXT_DIMS
 from moon.config import MoonConfig
 from moon.errors import UserError
 from moon.io.tables import has_table, read_table
+from moon.queries import PHOTO
+from moon.queries import kind as query_kind
 from moon.represent.encoders import ITEM_COLUMNS, VersionEncoder
 from moon.store.versions import table_digest
 from moon.vectors import unit_rows
@@ -184,7 +191,6 @@ class TruthEncoder(VersionEncoder):
 
     label = "truth"
     item_columns = ("item_id", "category")
-    queries_absent = "the oracle describes items only"
 
     def __init__(self, run_dir: Path, codes: dict[str, list[str]] | None = None, style_dims: int | None = None):
         if not has_table(run_dir, "item_truth"):
@@ -206,6 +212,20 @@ class TruthEncoder(VersionEncoder):
         self.codes = codes
         self.index = {fact: {value: i for i, value in enumerate(values)} for fact, values in codes.items()}
         self.definition = {"item_truth": table_digest(run_dir, "item_truth"), "weights": TRUTH_WEIGHTS}
+        self.queries: dict[str, tuple[str, dict[str, bool]]] = {}  # query_id -> (item in mind, facts named)
+        self.queries_absent = None
+        if has_table(run_dir, "query_truth"):
+            self._read_query_truth(Path(run_dir))
+        else:
+            self.queries_absent = (f"{run_dir} has no query_truth table (its world was simulated by an older MOON): "
+                                   "the oracle describes items only; re-simulate to give it queries")
+
+    def _read_query_truth(self, run_dir: Path) -> None:
+        for row in read_table(run_dir, "query_truth").to_pylist():
+            self.queries[row["query_id"]] = (row["item_id"], {"colour": row["names_colour"], "brand": row["names_brand"]})
+        items = read_table(run_dir, "items", columns=["item_id", "category"])
+        self.leaves = dict(zip(items["item_id"].to_pylist(), map(_leaf, items["category"].to_pylist())))
+        self.definition["query_truth"] = table_digest(run_dir, "query_truth")
 
     @property
     def dim(self) -> int:
@@ -216,16 +236,36 @@ class TruthEncoder(VersionEncoder):
         return {**plan, "style_dims": self.style_dims, "codes": self.codes}
 
     def encode_items(self, items: pa.Table, advance: ui.Advance) -> np.ndarray:
-        rows = np.array([self.truth_rows.get(item_id, -1) for item_id in items["item_id"].to_pylist()], dtype=np.int64)
+        vectors = self._vectors(items["item_id"].to_pylist(), [_leaf(path) for path in items["category"].to_pylist()])
+        advance(len(vectors))
+        return vectors
+
+    def encode_queries(self, queries: pa.Table, advance: ui.Advance) -> np.ndarray:
+        ids = queries["query_id"].to_pylist()
+        truths = [self.queries.get(query, (None, {})) for query in ids]
+        in_mind = [item for item, _ in truths]
+        # A photo shows every fact of the item in mind; a text says its leaf and the facts it names.
+        photo = np.array([query_kind(query) == PHOTO for query in ids], dtype=bool)
+        named = {fact: np.array([facts.get(fact, False) for _, facts in truths], dtype=bool) for fact in TRUTH_FACTS}
+        keep = {"style": photo} | {fact: photo | named[fact] for fact in TRUTH_FACTS}
+        vectors = self._vectors(in_mind, [self.leaves.get(item) for item in in_mind], keep)
+        advance(len(vectors))
+        return vectors
+
+    def _vectors(self, item_ids: list[str | None], leaves: list[str | None],
+                 keep: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Unit vectors from the facts of items; `keep` masks, per row, the blocks beside the leaf
+        to fill (all of them when None)."""
+        rows = np.array([self.truth_rows.get(item_id, -1) for item_id in item_ids], dtype=np.int64)
         known = rows >= 0
-        leaves = [_leaf(path) for path in items["category"].to_pylist()]
-        blocks = [self._one_hot("leaf", leaves)]
+        kept = {block: known & keep[block] if keep else known for block in ("style", *TRUTH_FACTS)}
         style = np.zeros((len(rows), self.style_dims), dtype=np.float32)
-        style[known] = self.styles[rows[known]] * np.sqrt(TRUTH_WEIGHTS["style"] / max(self.style_dims, 1))
-        blocks.append(style)
+        scale = np.sqrt(TRUTH_WEIGHTS["style"] / max(self.style_dims, 1))
+        style[kept["style"]] = self.styles[rows[kept["style"]]] * scale
+        blocks = [self._one_hot("leaf", leaves), style]
         for fact in TRUTH_FACTS:
-            blocks.append(self._one_hot(fact, [self.facts[fact][row] if row >= 0 else None for row in rows]))
-        advance(len(rows))
+            values = [self.facts[fact][row] if ok else None for row, ok in zip(rows, kept[fact])]
+            blocks.append(self._one_hot(fact, values))
         return unit_rows(np.concatenate(blocks, axis=1))
 
     def _one_hot(self, fact: str, values: list[str | None]) -> np.ndarray:

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from moon.config import BehaviourConfig
 from moon.io import schema
+from moon.queries import query_id
 from moon.sources.simulate.catalog import SECONDS_PER_DAY, unix_seconds
 from moon.sources.simulate.market import Market
 from moon.sources.simulate.photos import user_photo
@@ -156,22 +157,26 @@ class Sessions:
     def available(self, leaf: int, ts: int) -> np.ndarray:
         return self.by_leaf[leaf][: np.searchsorted(self.launch[leaf], ts, side="right")]
 
-    def day(self, day: int, advance=lambda n=1: None) -> pa.Table:
+    def day(self, day: int, advance=lambda n=1: None) -> tuple[pa.Table, pa.Table]:
+        """One day of the log: its events, and what each session's query was about (`QUERY_TRUTH`
+        rows, one per session: a query searched in several sessions repeats)."""
         rng = np.random.default_rng([self.seed, 7, day])
         rows: dict[str, list] = {name: [] for name in schema.EVENTS.names}
+        truths: dict[str, list] = {name: [] for name in schema.QUERY_TRUTH.names}
         for u in range(len(self.users)):
             count = self.session_counts[u, day]
             times = np.sort(self.start + day * SECONDS_PER_DAY + rng.integers(0, SECONDS_PER_DAY - 3600, count))
             for k, ts in enumerate(times):
-                self._session(u, int(ts), f"{self.users.ids[u]}-d{day:03d}-{k}", rng, rows)
+                self._session(u, int(ts), f"{self.users.ids[u]}-d{day:03d}-{k}", rng, rows, truths)
                 advance()
         rows["ts"] = np.array(rows["ts"], dtype="datetime64[s]").astype("datetime64[ms]")
-        return pa.table(rows, schema=schema.EVENTS)
+        return pa.table(rows, schema=schema.EVENTS), pa.table(truths, schema=schema.QUERY_TRUTH)
 
-    def _session(self, u: int, ts: int, session_id: str, rng, rows: dict) -> None:
+    def _session(self, u: int, ts: int, session_id: str, rng, rows: dict, truths: dict) -> None:
         query = self._query(u, ts, rng)
         if query is None:
             return
+        self._record_truth(query, truths)
         candidates = self._candidates(query, ts, rng)
         relevance = self._relevance(query, candidates)
         fresh = (ts - self.market.created_at[candidates]) < 7 * SECONDS_PER_DAY  # engines boost new items
@@ -208,6 +213,13 @@ class Sessions:
                 rows["item_id"].append(ids[item].as_py())
                 rows["position"].append(position + 1)
                 rows["action"].append(action)
+
+    def _record_truth(self, query: Query, truths: dict) -> None:
+        truths["query_id"].append(query_id(query.text, query.photo))
+        truths["item_id"].append(self.market.item_ids[query.intent].as_py())
+        truths["names_colour"].append(query.colour >= 0)
+        truths["names_brand"].append(query.brand >= 0)
+        truths["names_attribute"].append(query.attr >= 0)
 
     def _query(self, u: int, ts: int, rng) -> Query | None:
         users, market = self.users, self.market

@@ -1,7 +1,8 @@
 """`moon simulate`: write a simulated world (or behaviour over a real catalogue) into a run directory.
 
 Tables written: `items` (drawn catalogue; or the real catalogue with simulated launch
-times where it had none), `item_truth`, `users` and `events`. Items stream out in
+times where it had none), `item_truth`, `users`, `events` and `query_truth` (what each
+distinct query was about, for the oracle). Items stream out in
 chunks and events one simulated day at a time, so memory stays bounded however large
 the world. Every manifest says what was simulated.
 """
@@ -37,7 +38,7 @@ from moon.sources.simulate.catalog import (
 from moon.sources.simulate.render import PATTERNS
 
 SECTIONS = ("world", "behaviour")  # the config sections whose change makes a new world
-OUTPUTS = ("items", "item_truth", "users", "events")
+OUTPUTS = ("items", "item_truth", "users", "events", "query_truth")
 
 
 def simulate(config: MoonConfig, run_dir: Path, replace_ingested: bool = False) -> dict:
@@ -194,15 +195,24 @@ def _real_market(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
 def _write_events(shop: market.Market, users, config: MoonConfig, run_dir: Path, manifest: dict) -> int:
     sessions = behaviour.Sessions(shop, users, config.behaviour, config.seed)
     b = config.behaviour
-    with TableWriter(run_dir, "events", schema.EVENTS) as writer, ui.progress(
-        "simulate sessions", sessions.total_sessions(), unit="sessions"
-    ) as advance:
+    seen: set[str] = set()  # queries whose truth is written (a query searched again is written once)
+    with (TableWriter(run_dir, "events", schema.EVENTS) as writer,
+          TableWriter(run_dir, "query_truth", schema.QUERY_TRUTH) as truth_writer,
+          ui.progress("simulate sessions", sessions.total_sessions(), unit="sessions") as advance):
         for day in range(b.days):
-            writer.write(sessions.day(day, advance))
-        writer.commit(
-            **manifest,
-            simulated=True,
-            period_start=b.start_date.isoformat(),
-            days=b.days,
-        )
+            events, truths = sessions.day(day, advance)
+            writer.write(events)
+            truth_writer.write(truths.take(_first_seen(truths["query_id"].to_pylist(), seen)))
+        writer.commit(**manifest, simulated=True, period_start=b.start_date.isoformat(), days=b.days)
+        truth_writer.commit(**manifest, simulated=True)
     return writer.rows
+
+
+def _first_seen(ids: list[str], seen: set[str]) -> list[int]:
+    """Rows of ids not in `seen` (each once), which are added to it."""
+    rows = []
+    for row, key in enumerate(ids):
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
