@@ -94,6 +94,8 @@ class CtrData:
     query_ids: list[str]  # distinct query ids by row - 1
     user_ids: np.ndarray  # str per sample (gAUC groups)
     request_ids: np.ndarray  # str per sample
+    catalogue: pa.Table  # the items columns read (item_id, shop_id, category, price, created_at, leaf), by row - 1
+    period_start: int  # the first sample's time (ms): items launched later are new
 
     @classmethod
     def load(cls, run_dir: Path, spec: FeatureSpec) -> CtrData:
@@ -168,6 +170,8 @@ class CtrData:
             query_ids=query_ids.to_pylist(),
             user_ids=samples["user_id"].to_numpy(zero_copy_only=False),
             request_ids=samples["request_id"].to_numpy(zero_copy_only=False),
+            catalogue=catalogue,
+            period_start=int(times[0].min()) if len(times[0]) else 0,
         )
 
     def batches(self, split: str, batch_size: int, max_len: int, query_max_len: int,

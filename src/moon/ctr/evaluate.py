@@ -47,7 +47,7 @@ def evaluate(config: MoonConfig, run_dir: Path) -> dict:
                         "run `moon ctr train` with the same config and overrides first")
     test = data.splits["test"]
     labels, users, requests = data.samples["label"][test], data.user_ids[test], data.request_ids[test]
-    segments = test_segments(config, run_dir, data)
+    segments = test_segments(config, data)
     models = {}
     for name, seeds in runs.items():
         models[name] = score(labels, users, requests, seeds, config.seed)

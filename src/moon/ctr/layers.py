@@ -26,15 +26,17 @@ def mlp(widths: list[int], out: int | None = None) -> nn.Sequential:
 
 
 class FeatureEmbeddings(nn.Module):
-    """One learned table per embedded feature (a feature sharing another's table uses that one),
-    and the catalogue's item codes by row, so any item row becomes its embedded fields."""
+    """One learned table per embedded feature of the sources a model reads (a feature sharing
+    another's table uses that one), and the catalogue's item codes by row, so any item row
+    becomes its embedded fields."""
 
-    def __init__(self, spec: FeatureSpec, data: CtrData, dim: int):
+    def __init__(self, spec: FeatureSpec, data: CtrData, dim: int, sources: tuple[str, ...]):
         super().__init__()
         sizes = data.vocab_sizes()
         self.dim = dim
         self.spec = spec
-        names = {spec.embedded_as(f) for f in spec.features if f.type in ("categorical", "sequence")}
+        names = {spec.embedded_as(f) for f in spec.features
+                 if f.type in ("categorical", "sequence") and f.source in sources}
         self.tables = nn.ModuleDict({name: nn.Embedding(sizes[name], dim, padding_idx=0) for name in sorted(names)})
         self.item_fields = [name for name in ITEM_FIELDS if spec.get(name) is not None]
         for name in self.item_fields:

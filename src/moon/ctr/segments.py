@@ -11,32 +11,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from moon.config import MoonConfig
 from moon.ctr.data import CtrData
-from moon.io.tables import read_table
-from moon.queries import PHOTO, kind
+from moon.queries import PHOTO
 
 MAX_CATEGORIES = 8  # the most shown top-level categories get a segment each
 
 
-def test_segments(config: MoonConfig, run_dir: Path, data: CtrData) -> dict[str, np.ndarray]:
+def test_segments(config: MoonConfig, data: CtrData) -> dict[str, np.ndarray]:
     """{segment name: boolean mask over the test samples, in the order of data.splits['test']}."""
-    samples = read_table(run_dir, "ctr_samples", ["item_id", "query_id", "split", "ts"])
-    items = read_table(run_dir, "items", ["item_id", "category", "shop_id", "created_at"])
+    items = data.catalogue
     test = data.splits["test"]
-    before = np.flatnonzero(samples["split"].to_numpy(zero_copy_only=False) != "test")
-    item_of = pc.index_in(samples["item_id"], value_set=items["item_id"]).to_numpy(zero_copy_only=False)
-    item_of = np.nan_to_num(item_of.astype(np.float64), nan=-1).astype(np.int64)
+    before = np.concatenate([data.splits["train"], data.splits["valid"]])
+    item_of = data.samples["item_row"] - 1  # -1: an item the catalogue lacks
     segments = {"all": np.ones(len(test), dtype=bool)}
 
-    start = samples["ts"].cast(pa.int64()).to_numpy().min() if len(samples) else 0
-    launched = items["created_at"].cast(pa.int64()).fill_null(0).to_numpy() > start
+    launched = items["created_at"].cast(pa.int64()).fill_null(0).to_numpy() > data.period_start
     shown_before = np.zeros(len(items) + 1, dtype=bool)
     shown_before[item_of[before]] = True
     segments["new items"] = (launched[item_of[test]] | ~shown_before[item_of[test]]) & (item_of[test] >= 0)
@@ -54,7 +48,7 @@ def test_segments(config: MoonConfig, run_dir: Path, data: CtrData) -> dict[str,
     tail = set(every[: round(len(every) * config.ctr.long_tail_share)])
     segments["long-tail shops"] = np.array([shop in tail for shop in shops[item_of[test]]], dtype=bool)
 
-    photo = np.array([kind(q) == PHOTO for q in samples["query_id"].take(pa.array(test)).to_pylist()], dtype=bool)
+    photo = data.samples["query_kind"][test] == data.vocabs["query_kind"].encode(pa.array([PHOTO]))[0]
     segments["image queries"], segments["text queries"] = photo, ~photo
     segments["short history"] = data.behaviour.lengths()[test] <= config.ctr.short_history
     return segments

@@ -115,7 +115,7 @@ def train_one(config: MoonConfig, run_dir: Path, name: str, seed: int, spec: Fea
         return folder
     torch.manual_seed(seed)
     model = MODELS[name](spec, data, config.ctr, tables).to(processes.device)
-    trained = processes.data_parallel(model, find_unused_parameters=True)  # a DNN leaves the sequence tables unused
+    trained = processes.data_parallel(model, find_unused_parameters=True)  # an ablated CUBE branch leaves tables unused
     optimiser = make_optimiser(model, config)
     history, best, best_state, waited = [], -1.0, None, 0
     started = time.perf_counter()

@@ -161,9 +161,11 @@ def recall_at_k(ranked: np.ndarray, relevant: Sequence[Collection[int]], ks: Ite
     return {k: (found & (rank < k)).astype(np.float64) for k in ks}
 
 
-def bootstrap_ci(hits: np.ndarray, seed: int, resamples: int = 1000, level: float = CI_LEVEL) -> tuple[float, float]:
+def bootstrap_ci(hits: np.ndarray, seed: int, resamples: int = 1000, level: float = CI_LEVEL,
+                 weights: np.ndarray | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-query `hits`: `resamples` resamplings of the
     queries with replacement (numpy `default_rng(seed)`), cut at the (1-level)/2 and (1+level)/2 quantiles.
+    With `weights` (one per value, e.g. a group's rows) each resample's mean is the weighted mean.
 
     Same hits, seed and resamples give the same interval; the same seed on equally many queries
     draws the same resamples, so intervals of several metrics on one query set share them.
@@ -175,13 +177,16 @@ def bootstrap_ci(hits: np.ndarray, seed: int, resamples: int = 1000, level: floa
         raise ValueError(f"resamples={resamples} must be at least 1")
     if not 0 < level < 1:
         raise ValueError(f"level={level} must lie strictly between 0 and 1")
+    weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+    weighted = values if weights is None else weights * values
     rng = np.random.default_rng(seed)
     n = values.size
     means = np.empty(resamples)
     step = max(1, _CELLS // n)
     for start in range(0, resamples, step):
         stop = min(resamples, start + step)
-        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        drawn = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = weighted[drawn].sum(axis=1) / (n if weights is None else weights[drawn].sum(axis=1))
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     lo, hi = np.clip([lo, hi], values.min(), values.max())  # rounding must not leave the data's range
     return float(lo), float(hi)
@@ -370,7 +375,6 @@ def _strings(values) -> list:
 
 LOGLOSS_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before the log
 GAUC_RESAMPLES = 1000  # group bootstrap resamples for every gAUC interval
-_DRAW_CELLS = 1 << 22  # groups drawn per block of resamples (smaller than _CELLS: faster in cache)
 
 
 def auc(labels, scores) -> float:
@@ -446,7 +450,7 @@ def grouped_auc_ci(labels, scores, groups, seed: int = 0, resamples: int = GAUC_
     s = _scores(scores, y.size, "scores")
     values, weights, _ = _group_aucs(y, s, _group_codes(groups, y.size, "groups"))
     _some_groups(values)
-    return _group_bootstrap(values, weights, seed, resamples, level)
+    return bootstrap_ci(values, seed, resamples, level, weights)
 
 
 def grouped_auc_difference(labels, scores_a, scores_b, groups, seed: int = 0, resamples: int = GAUC_RESAMPLES,
@@ -492,7 +496,7 @@ def ctr_metrics(labels, probs, users, requests, seed: int = 0, *, resamples: int
     for key, name in (("gauc_user", "users"), ("gauc_request", "requests")):
         values, weights, skipped = _group_aucs(y, p, codes[name])
         if values.size:
-            entry = _entry(_weighted_mean(values, weights), _group_bootstrap(values, weights, seed, resamples, CI_LEVEL))
+            entry = _entry(_weighted_mean(values, weights), bootstrap_ci(values, seed, resamples, CI_LEVEL, weights))
         else:
             entry = {"value": None, "ci": None}
         out[key] = entry | {"groups": int(values.size), "skipped_groups": skipped}
@@ -701,26 +705,6 @@ def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     return float((weights * values).sum() / weights.sum())
 
 
-def _group_bootstrap(values: np.ndarray, weights: np.ndarray, seed: int, resamples: int,
-                     level: float) -> tuple[float, float]:
-    """Percentile interval of the weighted mean of `values` over groups drawn with replacement."""
-    if resamples < 1:
-        raise ValueError(f"resamples={resamples} must be at least 1")
-    if not 0 < level < 1:
-        raise ValueError(f"level={level} must lie strictly between 0 and 1")
-    rng = np.random.default_rng(seed)
-    count = values.size
-    weighted = weights * values
-    means = np.empty(resamples)
-    step = max(1, _DRAW_CELLS // count)
-    for start in range(0, resamples, step):
-        stop = min(resamples, start + step)
-        drawn = rng.integers(0, count, size=(stop - start, count), dtype=np.int32 if count < 2**31 else np.int64)
-        means[start:stop] = weighted[drawn].sum(axis=1) / weights[drawn].sum(axis=1)
-    lo, hi = np.clip(np.quantile(means, [(1 - level) / 2, (1 + level) / 2]), values.min(), values.max())
-    return float(lo), float(hi)
-
-
 def _gauc_delta(y, a, b, codes, seed, resamples, level) -> tuple[float, float, float]:
     values_a, weights, _ = _group_aucs(y, a, codes)
     _some_groups(values_a)
@@ -729,7 +713,7 @@ def _gauc_delta(y, a, b, codes, seed, resamples, level) -> tuple[float, float, f
 
 def _gauc_delta_from(values_a, values_b, weights, seed, resamples, level) -> tuple[float, float, float]:
     delta = _weighted_mean(values_b, weights) - _weighted_mean(values_a, weights)
-    return (delta, *_group_bootstrap(values_b - values_a, weights, seed, resamples, level))
+    return (delta, *bootstrap_ci(values_b - values_a, seed, resamples, level, weights))
 
 
 def _normal_ci(value: float, se: float, level: float, low: float, high: float) -> tuple[float, float]:

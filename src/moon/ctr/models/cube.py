@@ -28,6 +28,7 @@ from moon.ctr.models.din import DIN
 
 class CUBE(DIN):
     representations = ("item_id", "query_id")
+    sources = (*DIN.sources, "queries")
 
     def build(self, tables: dict) -> None:
         super().build(tables)

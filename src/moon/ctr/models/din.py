@@ -14,6 +14,8 @@ from moon.ctr.models.dnn import DNN
 
 
 class DIN(DNN):
+    sources = (*DNN.sources, "behaviour")
+
     def build(self, tables: dict) -> None:
         super().build(tables)
         self.uses_behaviour = self.spec.get("behaviour_items") is not None

@@ -16,11 +16,12 @@ from moon.ctr.layers import FeatureEmbeddings, mlp
 
 class DNN(nn.Module):
     representations: tuple[str, ...] = ()  # representation features the model reads
+    sources: tuple[str, ...] = ("sample", "item")  # feature sources whose IDs it embeds
 
     def __init__(self, spec: FeatureSpec, data: CtrData, config: CtrConfig, tables: dict | None = None):
         super().__init__()
         self.spec, self.config = spec, config
-        self.embeddings = FeatureEmbeddings(spec, data, config.embedding_dim)
+        self.embeddings = FeatureEmbeddings(spec, data, config.embedding_dim, self.sources)
         self.build(tables or {})
         self.predictor = mlp([self.width(), *config.hidden], out=1)
 
