@@ -27,7 +27,7 @@ from moon.represent import embed_catalogue
 from moon.run import RunDir
 from moon.train import posttrain
 
-SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery", "ctr"]
+SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery", "ctr", "study"]
 MODELS = {"baseline", "untrained", "stage1", "stage2"}  # no pretraining: it is the slowest stage to set up
 SHORT_TRAINING = [
     "posttrain.from_pretrained=false", "posttrain.stage1.steps=2", "posttrain.stage1.batch_size=8", "posttrain.stage1.log_every=1",

@@ -219,6 +219,35 @@ def ctr_eval(config: MoonConfig, run_dir: Path):
     ui.log(f"results -> {RunDir(run_dir).ctr_results}")
 
 
+@cli.group(cls=MoonGroup)
+def study():
+    """Studies across representation versions: the exchange rate and scaling laws (see configs/study.yaml)."""
+
+
+@study.command("exchange-rate")
+@stage_command
+def study_exchange_rate(config: MoonConfig, run_dir: Path):
+    """Which intermediate metric predicts CUBE's CTR gain: versions along several axes, their recall and ΔAUC."""
+    from moon.report.build import build_report
+    from moon.study import report
+    from moon.study.exchange_rate import results_path, study_exchange_rate
+
+    report.print_exchange_rate(study_exchange_rate(config, run_dir))
+    ui.log(f"results -> {results_path(run_dir)}; report -> {build_report(config, run_dir)}")
+
+
+@study.command("scaling")
+@stage_command
+def study_scaling(config: MoonConfig, run_dir: Path):
+    """Saturating power laws over training tokens, negatives per query and behaviour length."""
+    from moon.report.build import build_report
+    from moon.study import report
+    from moon.study.scaling import results_path, study_scaling
+
+    report.print_scaling(study_scaling(config, run_dir))
+    ui.log(f"results -> {results_path(run_dir)}; report -> {build_report(config, run_dir)}")
+
+
 @cli.command()
 @click.option("--fresh", is_flag=True, help="re-run every stage even if its outputs are current "
               "(an ingested catalogue or log is kept: see --replace-ingested)")

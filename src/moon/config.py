@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -369,6 +370,32 @@ class CtrConfig(Section):
         return models
 
 
+class StudyConfig(Section):
+    """The exchange-rate and scaling studies (`moon study exchange-rate|scaling`)."""
+
+    versions: list[str] = Field(
+        ["baseline", "untrained", "pretrain", "stage1", "stage2", "random", "truth"],
+        description="representations the exchange rate compares (beside the shorter stage-1 runs): a stage, "
+        "`untrained` (the backbone before any training) or a model made without training",
+    )
+    token_fractions: list[float] = Field(
+        [0.0625, 0.125, 0.25, 0.5], description="stage-1 runs of these shares of posttrain.stage1.steps, beside the "
+        "run's own: the training-tokens axis, and stage 1 trained less in the exchange rate",
+    )
+    queue_sizes: list[int] = Field(
+        [0, 32, 96, 224, 480], description="stage-2 runs with these temporal-negative queues: the negatives axis "
+        "(negatives per query: the stage-2 batch - 1 + the queue)",
+    )
+    behaviour_lengths: list[int] = Field([2, 4, 8, 16, 32, 64], description="ctr.max_len of the sequence-length axis")
+
+    @field_validator("token_fractions")
+    @classmethod
+    def _fractions(cls, fractions: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in fractions):
+            raise ValueError("token fractions lie strictly between 0 and 1 (the run's own stage 1 is the whole)")
+        return sorted(fractions)
+
+
 class MoonConfig(Section):
     """A whole run: the name of its run directory, the seed, and one section per stage."""
 
@@ -384,6 +411,11 @@ class MoonConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig, description="versioned catalogue representations")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="offline retrieval metrics")
     ctr: CtrConfig = Field(default_factory=CtrConfig, description="CTR prediction over stored representations")
+    study: StudyConfig = Field(default_factory=StudyConfig, description="exchange-rate and scaling studies")
+
+    def with_overrides(self, *overrides: str) -> MoonConfig:
+        """This config with `section.key=value` overrides applied (as on the command line)."""
+        return _validated(self.model_dump(mode="json"), overrides, "this config")
 
     def digest(self, *sections: str) -> str:
         """Hash of the given sections (and the seed): a stage's outputs are current when it matches."""
@@ -420,12 +452,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Mo
     path = Path(path) if path else default_config_path()
     data = _read_yaml(path)
     data.setdefault("name", path.stem)
+    return _validated(data, overrides, path.name)
+
+
+def _validated(data: dict, overrides: Sequence[str], source: str) -> MoonConfig:
+    """`data` with the overrides applied, as a validated config (a UserError says what is wrong)."""
     for override in overrides:
         _apply_override(data, override)
     try:
         return MoonConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"invalid config ({path.name} + overrides): {describe_errors(exc)}") from None
+        raise UserError(f"invalid config ({source} + overrides): {describe_errors(exc)}") from None
 
 
 MAX_BASES = 8  # base: chains longer than this are a loop

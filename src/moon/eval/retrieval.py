@@ -38,11 +38,13 @@ from moon.eval.metrics import (
     retrieval_recall,
 )
 from moon.io.atomic import atomic_json, atomic_parquet
+from moon.errors import UserError
 from moon.io.tables import has_table, read_table
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
 from moon.pairs.stage1 import ITEM_QUERY_VIEWS
+from moon.queries import query_id
 from moon.run import RunDir
 from moon.store.versions import Store
 from moon.vectors import prefix
@@ -76,40 +78,94 @@ class Vectors:
     source: str = "encoded by moon eval retrieval"  # where the catalogue vectors came from
 
 
+@dataclass(frozen=True)
+class QuerySets:
+    """The held-out query sets every model is measured on, with what counts as a hit."""
+
+    items: pa.Table
+    views: ItemViews
+    photo_query_ids: pa.ChunkedArray  # eval_image_search's query ids
+    photos: list[bytes]
+    relevant: list  # catalogue rows that are a hit, per photo
+    leaves: np.ndarray  # leaf of each catalogue row
+    texts: HeldOut
+    text_relevant: list
+    pairs: HeldOut  # item queries
+    item_relevant: list
+    own_rows: np.ndarray  # each item query's own catalogue row
+
+    @classmethod
+    def load(cls, config: MoonConfig, run_dir: Path) -> QuerySets:
+        spu_hit = config.eval.spu_hit
+        items = read_table(run_dir, "items")
+        queries = read_table(run_dir, "eval_image_search")
+        catalogue = (items["item_id"], items["spu_id"])
+        texts = held_out(run_dir, ("text",), "query_text")
+        pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id")
+        own = relevant_items(pairs.queries, None, catalogue[0], None, False)
+        return cls(
+            items=items, views=ItemViews(items), photo_query_ids=queries["query_id"],
+            photos=queries["query_image"].to_pylist(),
+            relevant=relevant_items(queries["item_id"], queries["spu_id"], *catalogue, spu_hit=spu_hit),
+            leaves=np.array([path[-1] for path in items["category"].to_pylist()], dtype=object),
+            texts=texts, text_relevant=relevant_sets(texts.targets, *catalogue, spu_hit=spu_hit),
+            pairs=pairs, item_relevant=relevant_sets(pairs.targets, *catalogue, spu_hit=spu_hit),
+            own_rows=np.array([rows[0] for rows in own], np.int64),
+        )
+
+    def score(self, vectors: Vectors, config: MoonConfig) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+        """(report, image-search top results) of one model's vectors on every query set."""
+        scored = {"ks": config.eval.ks, "seed": config.seed}
+        image_search = retrieval_recall(vectors.photos, vectors.items, self.relevant, dims=vectors.dims, **scored)
+        report = image_search.to_dict()
+        report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, self.relevant, self.leaves,
+                                                    config.seed)
+        if len(self.texts):
+            report["text_search"] = retrieval_recall(vectors.texts, vectors.items, self.text_relevant,
+                                                     dims=vectors.dims, **scored).to_dict()
+        if len(self.pairs):
+            report["item_to_item"] = retrieval_recall(vectors.items[self.own_rows], vectors.items, self.item_relevant,
+                                                      dims=vectors.dims, exclude=self.own_rows, **scored).to_dict()
+        return report, image_search.top
+
+
 def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | None = None) -> dict:
     """Measures every model of the run (and `extra_models`, label -> directory); writes eval/retrieval.json."""
-    settings = config.eval
-    items = read_table(run_dir, "items")
-    queries = read_table(run_dir, "eval_image_search")
-    views = ItemViews(items)
-    catalogue = (items["item_id"], items["spu_id"])
-    relevant = relevant_items(queries["item_id"], queries["spu_id"], *catalogue, spu_hit=settings.spu_hit)
-    leaves = np.array([path[-1] for path in items["category"].to_pylist()], dtype=object)
-    photos = queries["query_image"].to_pylist()
-    texts = held_out(run_dir, ("text",), "query_text")
-    pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id")
-    text_relevant = relevant_sets(texts.targets, *catalogue, spu_hit=settings.spu_hit)
-    item_relevant = relevant_sets(pairs.targets, *catalogue, spu_hit=settings.spu_hit)
-    own_rows = np.array([rows[0] for rows in relevant_items(pairs.queries, None, catalogue[0], None, False)], np.int64)
-
+    sets = QuerySets.load(config, run_dir)
     run = RunDir(run_dir)
-    results, scored = {}, {"ks": settings.ks, "seed": config.seed}
-    for label, vectors in _models(config, run_dir, items, views, photos, texts.queries, extra_models):
+    results = {}
+    for label, vectors in _models(config, run_dir, sets.items, sets.views, sets.photos, sets.texts.queries,
+                                  extra_models):
         ui.log(f"evaluating {label}")
-        image_search = retrieval_recall(vectors.photos, vectors.items, relevant, dims=vectors.dims, **scored)
-        save_predictions(run.predictions(label), queries["query_id"], image_search.top, vectors, views.item_ids)
-        report = image_search.to_dict()
-        report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, relevant, leaves, config.seed)
-        if len(texts):
-            report["text_search"] = retrieval_recall(vectors.texts, vectors.items, text_relevant, dims=vectors.dims,
-                                                     **scored).to_dict()
-        if len(pairs):
-            report["item_to_item"] = retrieval_recall(vectors.items[own_rows], vectors.items, item_relevant,
-                                                      dims=vectors.dims, exclude=own_rows, **scored).to_dict()
-        results[label] = report
+        results[label], top = sets.score(vectors, config)
+        save_predictions(run.predictions(label), sets.photo_query_ids, top, vectors, sets.views.item_ids)
     run.eval.mkdir(parents=True, exist_ok=True)
-    atomic_json(run.retrieval_results, {"item_view": config.model.served_view, "spu_hit": settings.spu_hit,
+    atomic_json(run.retrieval_results, {"item_view": config.model.served_view, "spu_hit": config.eval.spu_hit,
                                         "models": results})
+    return results
+
+
+def evaluate_versions(config: MoonConfig, run_dir: Path, versions: Sequence[str]) -> dict[str, dict]:
+    """The same recall of store versions, from the vectors they hold: the catalogue's items and the
+    log's queries (every held-out photo and text query is a query of the log). Any version will do,
+    one made without a model too; a version lacking a held-out query or item is refused."""
+    sets = QuerySets.load(config, run_dir)
+    store = Store(run_dir)
+    photo_ids = [query_id(None, photo) for photo in sets.photos]
+    text_ids = [query_id(text, None) for text in sets.texts.queries]
+    results = {}
+    for name in versions:
+        version = store.open(name)
+        rows = {"items": version.rows(sets.views.item_ids), "queries": version.rows(photo_ids + text_ids, of="queries")}
+        for kind, found in rows.items():
+            if (found < 0).any():
+                raise UserError(f"store version {name} lacks {int((found < 0).sum())} of the held-out {kind}: "
+                                f"add them with `moon embed --incremental --version {name}`")
+        queries = version.vectors(of="queries")[rows["queries"]]
+        vectors = Vectors(queries[: len(photo_ids)], queries[len(photo_ids):], version.vectors()[rows["items"]], None,
+                          version.manifest.get("item_view") or SERVED_VIEW, f"store version {name}")
+        ui.log(f"evaluating store version {name}")
+        results[name] = sets.score(vectors, config)[0]
     return results
 
 

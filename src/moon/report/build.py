@@ -20,7 +20,7 @@ from moon.errors import UserError
 from moon.io.atomic import atomic_file, atomic_json
 from moon.io.tables import has_table, read_manifest, utc_now
 from moon.pairs.accounting import Accounting, Step
-from moon.report import ctr, gallery, recall, training
+from moon.report import ctr, gallery, recall, study, training
 from moon.report.html import Html, Section, not_run, note, page, table, text
 from moon.run import RunDir
 from moon.sources.summary import summarize
@@ -46,6 +46,7 @@ def build_report(config: MoonConfig, run_dir: Path) -> Path:
         recall.section(run_dir),
         gallery.section(config, run_dir),
         ctr.section(run_dir),
+        study.section(run_dir),
     ]
     created = utc_now()
     metrics: dict = {"run_dir": str(run_dir), "created_at": created}

@@ -11,6 +11,8 @@ import io
 import logging
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 logging.getLogger("matplotlib").setLevel(logging.ERROR)  # e.g. the one-off font-cache notice: not for --quiet runs
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
@@ -109,4 +111,47 @@ def segment_lifts(title: str, lifts: Mapping[str, Mapping[str, float]]) -> str:
     ax.set(title=title, xlabel="ΔAUC")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3, axis="x")
+    return embed(figure, title)
+
+
+def exchange_rate(title: str, metric: str, points: Sequence[tuple[str, float, float, float]], rate: float,
+                  band: tuple[float, float], per: float) -> str:
+    """ΔAUC against an intermediate metric, one labelled point per version (the bar: ±1 seed std),
+    the Theil-Sen line through the medians and its bootstrap band of slopes."""
+    figure = Figure(figsize=(4.6, 3.4), layout="constrained")
+    ax = figure.subplots()
+    labels, xs, ys, spread = zip(*points)
+    ax.errorbar(xs, ys, yerr=spread, fmt="o", markersize=4, capsize=2)
+    for label, x, y in zip(labels, xs, ys):
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    grid = [min(xs), max(xs)]
+    centre_x, centre_y = float(np.median(xs)), float(np.median(ys))
+    for slope, style in ((rate, "-"), (band[0], ":"), (band[1], ":")):
+        if np.isfinite(slope):
+            ax.plot(grid, [centre_y + slope / per * (x - centre_x) for x in grid], style, color="tab:red", linewidth=1)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set(title=title, xlabel=metric, ylabel="ΔAUC of CUBE over DIN")
+    ax.grid(alpha=0.3)
+    return embed(figure, title)
+
+
+def scaling_curve(title: str, xlabel: str, ylabel: str, points: Sequence[tuple[float, float]],
+                  law: tuple[float, float, float] | None, held_out: float | None, reference: float | None) -> str:
+    """The points (every seed), the fitted y = a·x^(-b) + c, the held-out largest x, and a reference line."""
+    figure = Figure(figsize=(4.6, 3.4), layout="constrained")
+    ax = figure.subplots()
+    xs, ys = zip(*points)
+    ax.plot(xs, ys, "o", markersize=4, label="measured")
+    if law is not None:
+        a, b, c = law
+        grid = np.geomspace(min(xs), max(xs), 50)
+        ax.plot(grid, a * grid ** -b + c, "-", color="tab:red", linewidth=1, label=f"fit: b={b:.2f}, c={c:.3f}")
+    if held_out is not None:
+        ax.plot([max(xs)], [held_out], "x", color="tab:red", markersize=8, label="predicted without it")
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="reference")
+    ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
     return embed(figure, title)

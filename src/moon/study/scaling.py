@@ -1,0 +1,168 @@
+"""`moon study scaling`: how quality grows with training tokens, negatives and behaviour length.
+
+Three axes, each over the config's `study` values (at least four doublings by default):
+
+- **tokens**: post-training pairs seen by stage 1 (the shorter runs of `study.token_fractions`
+  and the run's own stage 1) -> image-search recall@10 of its version, and CUBE over it
+  against DIN (test 1 - AUC, every seed of `ctr.seeds`);
+- **negatives**: negatives per query in stage 2 (`study.queue_sizes`: the in-batch negatives
+  plus a temporal queue) -> image-search recall@10;
+- **behaviour length**: `ctr.max_len` in `study.behaviour_lengths` -> DIN's and CUBE's (over
+  the stage-2 version) test logloss and AUC, every seed.
+
+Each curve is fitted with y = a·x^(−b) + c on its loss-like form (1 − recall, 1 − AUC,
+logloss) over every seed's point; the largest x is then held out and predicted from the others.
+Where a curve has a non-learned reference (the baseline's recall, CUBE over the baseline's
+vectors), the study says at what x the fitted curve would reach it, if it holds. Results go
+to `study/scaling.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from moon.config import MoonConfig
+from moon.eval.retrieval import evaluate_versions
+from moon.io.atomic import atomic_json
+from moon.study.downstream import cube_lifts
+from moon.study.exchange_rate import GUIDING, intermediate_metrics
+from moon.study.fit import fit_power_law, held_out_check
+from moon.study.variants import (
+    negatives_per_query,
+    queue_variants,
+    study_dir,
+    token_variants,
+    trained_variant,
+    version_of,
+)
+
+RESULTS = "scaling.json"
+
+
+def results_path(run_dir: Path) -> Path:
+    return study_dir(run_dir) / RESULTS
+
+
+def study_scaling(config: MoonConfig, run_dir: Path) -> dict:
+    baseline = version_of(config, run_dir, "baseline")
+    reference = intermediate_metrics(evaluate_versions(config, run_dir, [baseline])[baseline])[GUIDING]
+    results = {"tokens": tokens_axis(config, run_dir, baseline, reference),
+               "negatives": negatives_axis(config, run_dir, reference),
+               "behaviour_length": length_axis(config, run_dir)}
+    results["verdict"] = verdict(results)
+    atomic_json(results_path(run_dir), results)
+    return results
+
+
+def tokens_axis(config: MoonConfig, run_dir: Path, baseline: str, reference: float) -> dict:
+    pairs_per_step = config.posttrain.stage1.batch_size  # per process; the study trains in one
+    runs = {name: variant.posttrain.stage1.steps * pairs_per_step for name, variant in token_variants(config).items()}
+    for name, variant in token_variants(config).items():
+        trained_variant(variant, run_dir, name, stage=1)
+    runs["stage1"] = config.posttrain.stage1.steps * pairs_per_step
+    versions = {name: version_of(config, run_dir, name) for name in runs}
+    recall = _recall(config, run_dir, versions)
+    lifts = cube_lifts(config, run_dir, [*versions.values(), baseline])
+    points = [{"name": name, "x": runs[name], "version": versions[name], "recall": recall[name],
+               "cube_1_minus_auc": [1 - s["auc"] for _, s in sorted(lifts[versions[name]]["seeds"].items())],
+               "delta_auc": lifts[versions[name]]["delta_auc"]} for name in runs]
+    cube_reference = 1 - np.mean([s["auc"] for s in lifts[baseline]["seeds"].values()])
+    return {"x": "post-training pairs seen (stage 1)", "points": points,
+            "recall": _fit([p["x"] for p in points], [1 - p["recall"] for p in points], 1 - reference,
+                           "1 - image R@10", "the baseline's image R@10"),
+            "ctr": _fit(*_by_seed(points, "cube_1_minus_auc"), cube_reference,
+                        "1 - test AUC of CUBE", "CUBE over the baseline's vectors")}
+
+
+def negatives_axis(config: MoonConfig, run_dir: Path, reference: float) -> dict:
+    variants = queue_variants(config)
+    for name, variant in variants.items():
+        trained_variant(variant, run_dir, name, stage=2)
+    versions = {name: version_of(config, run_dir, name) for name in variants}
+    recall = _recall(config, run_dir, versions)
+    points = [{"name": name, "x": negatives_per_query(variant), "version": versions[name], "recall": recall[name]}
+              for name, variant in variants.items()]
+    return {"x": "negatives per query (stage 2)", "points": points,
+            "recall": _fit([p["x"] for p in points], [1 - p["recall"] for p in points], 1 - reference,
+                           "1 - image R@10", "the baseline's image R@10")}
+
+
+def length_axis(config: MoonConfig, run_dir: Path) -> dict:
+    stage2 = version_of(config, run_dir, "stage2")
+    points = []
+    for length in config.study.behaviour_lengths:
+        lifts = cube_lifts(config, run_dir, [stage2], f"ctr.max_len={length}")
+        for model, seeds in (("din", lifts["din"]), ("cube", lifts[stage2]["seeds"])):
+            points.append({"model": model, "x": length, "logloss": [s["logloss"] for _, s in sorted(seeds.items())],
+                           "auc": [s["auc"] for _, s in sorted(seeds.items())]})
+    fits = {}
+    for model in ("din", "cube"):
+        mine = [p for p in points if p["model"] == model]
+        fits[model] = {"logloss": _fit(*_by_seed(mine, "logloss"), None, "test logloss", None),
+                       "1 - auc": _fit(*_by_seed(mine, "auc", lambda v: 1 - v), None, "1 - test AUC", None)}
+    return {"x": "behaviour sequence length (ctr.max_len)", "points": points, "fits": fits}
+
+
+def _recall(config: MoonConfig, run_dir: Path, versions: dict[str, str]) -> dict[str, float]:
+    reports = evaluate_versions(config, run_dir, list(versions.values()))
+    return {name: intermediate_metrics(reports[version])[GUIDING] for name, version in versions.items()}
+
+
+def _by_seed(points: list[dict], key: str, transform=lambda v: v) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for point in points:
+        for value in point[key]:
+            xs.append(point["x"])
+            ys.append(transform(value))
+    return xs, ys
+
+
+def _fit(x: list[float], y: list[float], reference: float | None, quantity: str, reference_name: str | None) -> dict:
+    """The power law on every point, the held-out check on the largest x, and the x at which the
+    curve reaches the reference (None: never, on this fit)."""
+    try:
+        law = fit_power_law(x, y)
+    except (ValueError, RuntimeError) as exc:
+        return {"quantity": quantity, "error": str(exc)}
+    out = {"quantity": quantity, "law": asdict(law)}
+    try:
+        out["held_out"] = held_out_check(x, y)
+    except (ValueError, RuntimeError) as exc:
+        out["held_out"] = {"error": f"no held-out check: {exc}"}
+    if reference is not None:
+        out["reference"] = {"name": reference_name, "value": reference, "reached_at": law.reaches(reference),
+                            "already": bool(min(law(np.unique(x))) <= reference)}
+    return out
+
+
+def verdict(results: dict) -> str:
+    """One paragraph from the figures: exponents, held-out errors, where a curve meets its reference."""
+    sentences = []
+    for axis, key in (("tokens", "recall"), ("tokens", "ctr"), ("negatives", "recall")):
+        fit = results[axis][key]
+        name = f"{results[axis]['x']} -> {fit['quantity']}"
+        if "error" in fit:
+            sentences.append(f"{name}: no fit ({fit['error']}).")
+            continue
+        law, held = fit["law"], fit["held_out"]
+        sentence = f"{name}: exponent b = {law['b']:.2f}, floor c = {law['c']:.3f}, R² {law['r2']:.2f}"
+        if "error" not in held:
+            sentence += f"; the largest point, held out, was predicted {held['error']:+.4f} off"
+        ref = fit.get("reference")
+        if ref:
+            if ref["already"]:
+                sentence += f"; it is already past {ref['name']}"
+            elif ref["reached_at"] is None:
+                sentence += f"; on this curve it never reaches {ref['name']} (its floor is above)"
+            else:
+                sentence += f"; it would reach {ref['name']} at about {ref['reached_at']:,.0f} if the curve holds"
+        sentences.append(sentence + ".")
+    for model, fits in results["behaviour_length"]["fits"].items():
+        fit = fits["logloss"]
+        if "law" in fit:
+            sentences.append(f"Behaviour length -> {model} test logloss: b = {fit['law']['b']:.2f}, "
+                             f"floor {fit['law']['c']:.4f}, R² {fit['law']['r2']:.2f}.")
+    return " ".join(sentences)

@@ -1,0 +1,120 @@
+"""The studies: their statistics on curves of known shape, and both studies end to end on the tiny world."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import TINY_MODEL, TINY_WORLD
+from moon.config import load_config
+from moon.ctr.samples import build_samples
+from moon.pairs.build import build_pairs
+from moon.run import RunDir
+from moon.store.versions import Store
+from moon.study.exchange_rate import METRICS, study_exchange_rate
+from moon.study.fit import exchange_rate, fit_power_law, held_out_check
+from moon.study.scaling import study_scaling
+from moon.train import posttrain
+
+
+def test_the_exchange_rate_recovers_a_known_slope_and_sees_no_rate_in_noise():
+    rng = np.random.default_rng(0)
+    metric = np.linspace(0.1, 0.8, 8)
+    deltas = [0.02 * m + rng.normal(0, 0.0005, 3) for m in metric]  # +0.0002 AUC per +0.01
+    rate = exchange_rate(metric, deltas)
+    assert rate.rate == pytest.approx(0.0002, rel=0.15)
+    assert rate.ci[0] < 0.0002 < rate.ci[1] and rate.ci[0] > 0
+    assert rate.spearman > 0.9 and rate.loo_error < 0.25 * rate.spread
+
+    unrelated = rng.permutation(metric)
+    flat = [rng.normal(0.003, 0.002, 3) for _ in metric]
+    noise = exchange_rate(unrelated, flat)
+    assert noise.ci[0] < 0 < noise.ci[1] and noise.loo_error > 0.5 * noise.spread
+
+    with pytest.raises(ValueError, match="at least 3 versions"):
+        exchange_rate(metric[:2], deltas[:2])
+
+
+def test_a_saturating_power_law_is_recovered_and_its_largest_point_predicted():
+    x = np.repeat([100, 200, 400, 800, 1600, 3200], 3)
+    rng = np.random.default_rng(1)
+    y = 2.0 * x ** -0.5 + 0.1 + rng.normal(0, 0.001, x.size)
+    law = fit_power_law(x, y)
+    assert law.b == pytest.approx(0.5, abs=0.05) and law.c == pytest.approx(0.1, abs=0.01) and law.r2 > 0.99
+    held = held_out_check(x, y)
+    assert held["x"] == 3200 and abs(held["error"]) < 0.005
+    assert held["within_seed_ci"] in (True, False)
+    reach = law.reaches(0.12)  # 2 x^-0.5 = 0.02 -> x = 10,000
+    assert reach == pytest.approx(10_000, rel=0.2)
+    assert law.reaches(0.05) is None  # below the floor: never
+    with pytest.raises(ValueError, match="at least 3 distinct x"):
+        fit_power_law([1, 1, 2], [3, 3, 2])
+
+
+# ---------------------------------------------------------------- end to end on the tiny world
+
+STUDY = [
+    *TINY_WORLD, *TINY_MODEL, "name=tiny", "store.partitions=2",
+    "posttrain.from_pretrained=false", "posttrain.stage1.steps=4", "posttrain.stage1.batch_size=8",
+    "posttrain.stage1.warmup_steps=0", "posttrain.stage2.steps=2", "posttrain.stage2.batch_size=4",
+    "study.versions=[baseline, untrained, stage1, stage2, random, truth]", "study.token_fractions=[0.25, 0.5]",
+    "study.queue_sizes=[0, 4, 12]", "study.behaviour_lengths=[2, 4, 8]",
+    "ctr.seeds=[0, 1]", "ctr.max_epochs=1", "ctr.batch_size=256", "ctr.hidden=[16]", "ctr.embedding_dim=8",
+    "ctr.query_max_len=4",
+]
+
+
+def study_config(*overrides):
+    return load_config(None, [*STUDY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def studied(tiny_world, tmp_path_factory):
+    """The tiny world with pairs, both post-training stages, CTR samples, and both studies run once."""
+    run_dir = tmp_path_factory.mktemp("study")
+    for table in ("items", "item_truth", "users", "events", "query_truth"):
+        shutil.copytree(tiny_world / table, run_dir / table)
+    config = study_config()
+    build_pairs(config, run_dir)
+    posttrain.posttrain(config, run_dir, stage=1)
+    posttrain.posttrain(config, run_dir, stage=2)
+    build_samples(config, run_dir)
+    return run_dir, study_exchange_rate(config, run_dir), study_scaling(config, run_dir)
+
+
+def test_the_exchange_rate_compares_every_version_on_every_metric(studied):
+    run_dir, results, _ = studied
+    labels = [row["label"] for row in results["versions"]]
+    assert labels == ["baseline", "untrained", "stage1", "stage2", "random", "truth", "stage1-steps1", "stage1-steps2"]
+    assert len({row["version"] for row in results["versions"]}) == len(labels)
+    by_label = {row["label"]: row for row in results["versions"]}
+    # The oracle's photo query is the photographed item's own vector; the placebo's knows nothing.
+    assert by_label["truth"]["metrics"]["image R@10"] > 0.8 > by_label["random"]["metrics"]["image R@100"]
+    assert all(len(row["delta_auc"]) == 2 for row in results["versions"])
+    assert set(results["rates"]) == set(METRICS)
+    assert results["verdict"]["best"] in METRICS and results["verdict"]["text"]
+    assert json.loads((run_dir / "study" / "exchange_rate.json").read_text())["verdict"] == results["verdict"]
+
+
+def test_a_rerun_computes_nothing_again(studied):
+    run_dir, results, _ = studied
+    run = RunDir(run_dir)
+    versions, ctr_runs = Store(run_dir).versions(), sorted(run.ctr_models.glob("*/seed-*"))
+    models = {path.name: path.stat().st_mtime_ns for path in (run_dir / "study" / "models").iterdir()}
+    again = study_exchange_rate(study_config(), run_dir)
+    assert [row["delta_auc"] for row in again["versions"]] == [row["delta_auc"] for row in results["versions"]]
+    assert Store(run_dir).versions() == versions and sorted(run.ctr_models.glob("*/seed-*")) == ctr_runs
+    assert {path.name: path.stat().st_mtime_ns for path in (run_dir / "study" / "models").iterdir()} == models
+
+
+def test_scaling_has_three_axes_with_fits_and_held_out_checks(studied):
+    _, _, results = studied
+    tokens = results["tokens"]
+    assert [p["x"] for p in tokens["points"]] == [8, 16, 32]  # 1, 2 and 4 steps of 8 pairs
+    assert [p["x"] for p in results["negatives"]["points"]] == [3, 7, 15]  # batch 4 - 1 + queue
+    lengths = results["behaviour_length"]["points"]
+    assert sorted({(p["model"], p["x"]) for p in lengths}) == [(m, x) for m in ("cube", "din") for x in (2, 4, 8)]
+    for fit in (tokens["recall"], tokens["ctr"], results["negatives"]["recall"]):
+        assert ("law" in fit and "held_out" in fit) or "3 distinct x" in fit["error"]
+    assert "law" in results["behaviour_length"]["fits"]["din"]["logloss"]  # 3 lengths x 2 seeds
