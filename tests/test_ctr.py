@@ -183,6 +183,8 @@ def test_training_reuses_runs_names_the_version_and_switching_versions_keeps_the
     assert not any("vectors" in key for key in torch.load(folders[1] / WEIGHTS)["state_dict"])
     stamp = (folders[1] / RESULT).stat().st_mtime_ns
     assert train(ctr_config(), run, ["cube"]) == [folders[1]] and (folders[1] / RESULT).stat().st_mtime_ns == stamp
+    by_name = train(ctr_config(f"ctr.representations={version}"), run, ["cube"])  # the same version, named
+    assert by_name == [folders[1]] and (folders[1] / RESULT).stat().st_mtime_ns == stamp
 
     embed_catalogue(ctr_config(), run, model="truth")
     switched = train(ctr_config("ctr.representations=truth"), run, ["cube"])[0]

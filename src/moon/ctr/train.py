@@ -90,8 +90,12 @@ def run_settings(name: str, config: MoonConfig, spec: FeatureSpec, tables: dict,
     """Everything a run's result depends on; its digest names the run's folder."""
     settings = {key: getattr(config.ctr, key) for key in SETTINGS}
     samples = json.loads((RunDir(run_dir).table("ctr_samples") / "manifest.json").read_text())
+    features = spec.model_dump(mode="json")
+    for feature in features["features"]:  # the version read, however it was named (stage2, v1-stage2)
+        if feature["type"] == "representation" and feature["of"] in tables:
+            feature |= {"version": tables[feature["of"]].version, "dim": tables[feature["of"]].dim}
     return {
-        "model": name, "label": label(name, config, tables), "spec": spec.model_dump(mode="json"),
+        "model": name, "label": label(name, config, tables), "spec": features,
         "cube": config.ctr.cube.model_dump() if name == "cube" else None,
         "top_k": config.ctr.top_k if name == "cube" else None,
         "representations": {of: {"version": t.version, "dim": t.dim} for of, t in tables.items()},
