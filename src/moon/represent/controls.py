@@ -205,9 +205,10 @@ class TruthEncoder(VersionEncoder):
         for row, style in enumerate(styles):
             self.styles[row, : min(len(style), self.style_dims)] = style[: self.style_dims]
         self.facts = {fact: [_code(value) for value in truth[fact].to_pylist()] for fact in TRUTH_FACTS}
+        items = read_table(run_dir, "items", columns=["item_id", "category"])
+        self.leaves = dict(zip(items["item_id"].to_pylist(), map(_leaf, items["category"].to_pylist())))
         if codes is None:
-            categories = read_table(run_dir, "items", columns=["category"])["category"].to_pylist()
-            codes = {"leaf": sorted({_leaf(path) for path in categories} - {None})}
+            codes = {"leaf": sorted(set(self.leaves.values()) - {None})}
             codes |= {fact: sorted(set(self.facts[fact]) - {None}) for fact in TRUTH_FACTS}
         self.codes = codes
         self.index = {fact: {value: i for i, value in enumerate(values)} for fact, values in codes.items()}
@@ -223,8 +224,6 @@ class TruthEncoder(VersionEncoder):
     def _read_query_truth(self, run_dir: Path) -> None:
         for row in read_table(run_dir, "query_truth").to_pylist():
             self.queries[row["query_id"]] = (row["item_id"], {"colour": row["names_colour"], "brand": row["names_brand"]})
-        items = read_table(run_dir, "items", columns=["item_id", "category"])
-        self.leaves = dict(zip(items["item_id"].to_pylist(), map(_leaf, items["category"].to_pylist())))
         self.definition["query_truth"] = table_digest(run_dir, "query_truth")
 
     @property

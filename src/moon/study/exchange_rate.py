@@ -30,7 +30,7 @@ from moon.eval.retrieval import evaluate_versions
 from moon.io.atomic import atomic_json
 from moon.study.downstream import cube_lifts
 from moon.study.fit import ER_STEP, exchange_rate
-from moon.study.variants import study_dir, token_variants, trained_variant, version_of
+from moon.study.variants import study_dir, trained_token_variants, version_of
 
 RESULTS = "exchange_rate.json"
 GUIDING = "image R@10"  # the paper's guiding metric, at the K the report leads with
@@ -66,10 +66,7 @@ def study_exchange_rate(config: MoonConfig, run_dir: Path) -> dict:
 def representation_versions(config: MoonConfig, run_dir: Path) -> dict[str, str]:
     """{label: store version} of every representation compared, made where missing."""
     out = {}
-    for name, variant in token_variants(config).items():
-        trained_variant(variant, run_dir, name, stage=1)
-    names = [*config.study.versions, *token_variants(config)]
-    for name in names:
+    for name in [*config.study.versions, *trained_token_variants(config, run_dir)]:
         out[name] = version_of(config, run_dir, name)
         ui.log(f"study: {name} is store version {out[name]}")
     return out

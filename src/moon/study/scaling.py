@@ -34,7 +34,7 @@ from moon.study.variants import (
     negatives_per_query,
     queue_variants,
     study_dir,
-    token_variants,
+    trained_token_variants,
     trained_variant,
     version_of,
 )
@@ -47,46 +47,54 @@ def results_path(run_dir: Path) -> Path:
 
 
 def study_scaling(config: MoonConfig, run_dir: Path) -> dict:
+    tokens, negatives = token_runs(config, run_dir), negative_runs(config, run_dir)
     baseline = version_of(config, run_dir, "baseline")
-    reference = intermediate_metrics(evaluate_versions(config, run_dir, [baseline])[baseline])[GUIDING]
-    results = {"tokens": tokens_axis(config, run_dir, baseline, reference),
-               "negatives": negatives_axis(config, run_dir, reference),
+    versions = {name: version for name, (_, version) in {**tokens, **negatives}.items()} | {"baseline": baseline}
+    recall = _recall(config, run_dir, versions)  # every version scored in one pass over the query sets
+    results = {"tokens": tokens_axis(config, run_dir, tokens, recall, baseline),
+               "negatives": negatives_axis(negatives, recall),
                "behaviour_length": length_axis(config, run_dir)}
     results["verdict"] = verdict(results)
     atomic_json(results_path(run_dir), results)
     return results
 
 
-def tokens_axis(config: MoonConfig, run_dir: Path, baseline: str, reference: float) -> dict:
+def token_runs(config: MoonConfig, run_dir: Path) -> dict[str, tuple[int, str]]:
+    """{run: (stage-1 pairs seen, store version)}: the shorter stage-1 runs and the run's own."""
     pairs_per_step = config.posttrain.stage1.batch_size  # per process; the study trains in one
-    runs = {name: variant.posttrain.stage1.steps * pairs_per_step for name, variant in token_variants(config).items()}
-    for name, variant in token_variants(config).items():
-        trained_variant(variant, run_dir, name, stage=1)
-    runs["stage1"] = config.posttrain.stage1.steps * pairs_per_step
-    versions = {name: version_of(config, run_dir, name) for name in runs}
-    recall = _recall(config, run_dir, versions)
-    lifts = cube_lifts(config, run_dir, [*versions.values(), baseline])
-    points = [{"name": name, "x": runs[name], "version": versions[name], "recall": recall[name],
-               "cube_1_minus_auc": [1 - s["auc"] for _, s in sorted(lifts[versions[name]]["seeds"].items())],
-               "delta_auc": lifts[versions[name]]["delta_auc"]} for name in runs]
+    steps = {name: variant.posttrain.stage1.steps for name, variant in trained_token_variants(config, run_dir).items()}
+    steps["stage1"] = config.posttrain.stage1.steps
+    return {name: (count * pairs_per_step, version_of(config, run_dir, name)) for name, count in steps.items()}
+
+
+def negative_runs(config: MoonConfig, run_dir: Path) -> dict[str, tuple[int, str]]:
+    """{run: (negatives per query, store version)}: stage 2 with each queue."""
+    out = {}
+    for name, variant in queue_variants(config).items():
+        trained_variant(variant, run_dir, name, stage=2)
+        out[name] = (negatives_per_query(variant), version_of(config, run_dir, name))
+    return out
+
+
+def tokens_axis(config: MoonConfig, run_dir: Path, runs: dict[str, tuple[int, str]], recall: dict[str, float],
+                baseline: str) -> dict:
+    lifts = cube_lifts(config, run_dir, [*(version for _, version in runs.values()), baseline])
+    points = [{"name": name, "x": x, "version": version, "recall": recall[name],
+               "cube_1_minus_auc": [1 - s["auc"] for _, s in sorted(lifts[version]["seeds"].items())],
+               "delta_auc": lifts[version]["delta_auc"]} for name, (x, version) in runs.items()]
     cube_reference = 1 - np.mean([s["auc"] for s in lifts[baseline]["seeds"].values()])
     return {"x": "post-training pairs seen (stage 1)", "points": points,
-            "recall": _fit([p["x"] for p in points], [1 - p["recall"] for p in points], 1 - reference,
+            "recall": _fit([p["x"] for p in points], [1 - p["recall"] for p in points], 1 - recall["baseline"],
                            "1 - image R@10", "the baseline's image R@10"),
             "ctr": _fit(*_by_seed(points, "cube_1_minus_auc"), cube_reference,
                         "1 - test AUC of CUBE", "CUBE over the baseline's vectors")}
 
 
-def negatives_axis(config: MoonConfig, run_dir: Path, reference: float) -> dict:
-    variants = queue_variants(config)
-    for name, variant in variants.items():
-        trained_variant(variant, run_dir, name, stage=2)
-    versions = {name: version_of(config, run_dir, name) for name in variants}
-    recall = _recall(config, run_dir, versions)
-    points = [{"name": name, "x": negatives_per_query(variant), "version": versions[name], "recall": recall[name]}
-              for name, variant in variants.items()]
+def negatives_axis(runs: dict[str, tuple[int, str]], recall: dict[str, float]) -> dict:
+    points = [{"name": name, "x": x, "version": version, "recall": recall[name]}
+              for name, (x, version) in runs.items()]
     return {"x": "negatives per query (stage 2)", "points": points,
-            "recall": _fit([p["x"] for p in points], [1 - p["recall"] for p in points], 1 - reference,
+            "recall": _fit([p["x"] for p in points], [1 - p["recall"] for p in points], 1 - recall["baseline"],
                            "1 - image R@10", "the baseline's image R@10")}
 
 

@@ -75,6 +75,14 @@ def token_variants(config: MoonConfig) -> dict[str, MoonConfig]:
     return out
 
 
+def trained_token_variants(config: MoonConfig, run_dir: Path) -> dict[str, MoonConfig]:
+    """The shorter stage-1 runs, each trained unless its model is published; {name: config}."""
+    variants = token_variants(config)
+    for name, variant in variants.items():
+        trained_variant(variant, run_dir, name, stage=1)
+    return variants
+
+
 def queue_variants(config: MoonConfig) -> dict[str, MoonConfig]:
     """{name: config} of the stage-2 runs with a queue; each keeps its entries long enough to fill it."""
     batch = config.posttrain.stage2.batch_size
