@@ -13,7 +13,7 @@ from moon.pairs.build import build_pairs
 from moon.run import RunDir
 from moon.store.versions import Store
 from moon.study.exchange_rate import METRICS, study_exchange_rate
-from moon.study.fit import exchange_rate, fit_power_law, held_out_check
+from moon.study.fit import curve_from_dict, exchange_rate, fit_curve, held_out_check
 from moon.study.scaling import study_scaling
 from moon.train import posttrain
 
@@ -40,16 +40,37 @@ def test_a_saturating_power_law_is_recovered_and_its_largest_point_predicted():
     x = np.repeat([100, 200, 400, 800, 1600, 3200], 3)
     rng = np.random.default_rng(1)
     y = 2.0 * x ** -0.5 + 0.1 + rng.normal(0, 0.001, x.size)
-    law = fit_power_law(x, y)
-    assert law.b == pytest.approx(0.5, abs=0.05) and law.c == pytest.approx(0.1, abs=0.01) and law.r2 > 0.99
+    curve = fit_curve(x, y)
+    assert curve.form == "power law" and curve.trend == "falls"
+    assert curve.params["b"] == pytest.approx(0.5, abs=0.05) and curve.params["c"] == pytest.approx(0.1, abs=0.01)
+    assert curve.r2 > 0.99 and curve.cv_error["power law"] < curve.cv_error["log-linear"] < curve.cv_error["flat"]
     held = held_out_check(x, y)
-    assert held["x"] == 3200 and abs(held["error"]) < 0.005
+    assert held["x"] == 3200 and abs(held["miss"]) < 0.005 and held["fit_without"]["form"] == "power law"
     assert held["within_seed_ci"] in (True, False)
-    reach = law.reaches(0.12)  # 2 x^-0.5 = 0.02 -> x = 10,000
-    assert reach == pytest.approx(10_000, rel=0.2)
-    assert law.reaches(0.05) is None  # below the floor: never
-    with pytest.raises(ValueError, match="at least 3 distinct x"):
-        fit_power_law([1, 1, 2], [3, 3, 2])
+    assert curve.reaches(0.12) == pytest.approx(10_000, rel=0.2)  # 2 x^-0.5 = 0.02 -> x = 10,000
+    assert curve.reaches(0.05) is None  # below the floor: never
+    assert curve_from_dict(curve.to_dict()) == curve
+    with pytest.raises(ValueError, match="at least 2 distinct x"):
+        fit_curve([1, 1], [3, 3])
+
+
+def test_a_curve_that_does_not_bend_is_not_forced_into_a_power_law():
+    x = np.repeat([32, 64, 128, 256, 512], 3)
+    rng = np.random.default_rng(2)
+    rising = 0.5 + 0.03 * np.log(x) + rng.normal(0, 0.002, x.size)  # more negatives, worse recall
+    curve = fit_curve(x, rising)
+    assert curve.form == "log-linear" and curve.trend == "rises"
+    assert curve.params["s"] == pytest.approx(0.03, abs=0.005)
+    assert curve.reaches(0.4) is None and "rises" in curve.describe()
+
+    flat = 0.36 + rng.normal(0, 0.002, x.size)  # behaviour length that buys nothing
+    curve = fit_curve(x, flat)
+    assert curve.form == "flat" and curve.trend == "flat" and curve.reaches(0.3) is None
+
+    falling = 1.7 - 0.09 * np.log(x) + rng.normal(0, 0.002, x.size)  # steady gain per doubling, no floor yet
+    curve = fit_curve(x, falling)
+    assert curve.form == "log-linear" and curve.trend == "falls"
+    assert curve.reaches(1.0) == pytest.approx(np.exp(0.7 / 0.09), rel=0.2)
 
 
 # ---------------------------------------------------------------- end to end on the tiny world
@@ -116,5 +137,6 @@ def test_scaling_has_three_axes_with_fits_and_held_out_checks(studied):
     lengths = results["behaviour_length"]["points"]
     assert sorted({(p["model"], p["x"]) for p in lengths}) == [(m, x) for m in ("cube", "din") for x in (2, 4, 8)]
     for fit in (tokens["recall"], tokens["ctr"], results["negatives"]["recall"]):
-        assert ("law" in fit and "held_out" in fit) or "3 distinct x" in fit["error"]
-    assert "law" in results["behaviour_length"]["fits"]["din"]["logloss"]  # 3 lengths x 2 seeds
+        assert fit["curve"]["form"] in ("flat", "log-linear") and "held_out" in fit  # 3 x: too few for a power law
+        assert fit["held_out"]["fit_without"]["form"] == "flat"  # 2 x left: only the mean can be checked
+    assert "curve" in results["behaviour_length"]["fits"]["din"]["logloss"]  # 3 lengths x 2 seeds

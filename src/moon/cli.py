@@ -239,7 +239,7 @@ def study_exchange_rate(config: MoonConfig, run_dir: Path):
 @study.command("scaling")
 @stage_command
 def study_scaling(config: MoonConfig, run_dir: Path):
-    """Saturating power laws over training tokens, negatives per query and behaviour length."""
+    """Scaling curves over training tokens, negatives per query and behaviour length."""
     from moon.report.build import build_report
     from moon.study import report
     from moon.study.scaling import results_path, study_scaling

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -136,16 +136,16 @@ def exchange_rate(title: str, metric: str, points: Sequence[tuple[str, float, fl
 
 
 def scaling_curve(title: str, xlabel: str, ylabel: str, points: Sequence[tuple[float, float]],
-                  law: tuple[float, float, float] | None, held_out: float | None, reference: float | None) -> str:
-    """The points (every seed), the fitted y = a·x^(-b) + c, the held-out largest x, and a reference line."""
+                  curve: Callable[[np.ndarray], np.ndarray] | None, curve_label: str | None, held_out: float | None,
+                  reference: float | None) -> str:
+    """The points (every seed), the fitted curve, the held-out largest x, and a reference line."""
     figure = Figure(figsize=(4.6, 3.4), layout="constrained")
     ax = figure.subplots()
     xs, ys = zip(*points)
     ax.plot(xs, ys, "o", markersize=4, label="measured")
-    if law is not None:
-        a, b, c = law
+    if curve is not None:
         grid = np.geomspace(min(xs), max(xs), 50)
-        ax.plot(grid, a * grid ** -b + c, "-", color="tab:red", linewidth=1, label=f"fit: b={b:.2f}, c={c:.3f}")
+        ax.plot(grid, curve(grid), "-", color="tab:red", linewidth=1, label=curve_label)
     if held_out is not None:
         ax.plot([max(xs)], [held_out], "x", color="tab:red", markersize=8, label="predicted without it")
     if reference is not None:

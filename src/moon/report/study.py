@@ -11,6 +11,7 @@ import numpy as np
 from moon.report import plots
 from moon.report.html import Html, Section, note, table, text
 from moon.study.exchange_rate import results_path as exchange_rate_path
+from moon.study.fit import curve_from_dict
 from moon.study.report import FIT_COLUMNS, fit_row
 from moon.study.scaling import results_path as scaling_path
 
@@ -58,8 +59,10 @@ def _exchange_rate(results: dict) -> str:
 
 
 def _scaling(results: dict) -> str:
-    parts = ["<h3>Scaling laws</h3><p>Each curve is fitted with y = a·x<sup>−b</sup> + c over every seed's point; "
-             "the largest x is then held out and predicted from the others.</p>"]
+    intro = ("<h3>Scaling laws</h3><p>Each curve is the form that best predicts left-out points, of flat, "
+             "log-linear and the saturating power law y = a·x<sup>−b</sup> + c, fitted over every seed's point; the "
+             "whole choice is then rerun without the largest x, which it predicts.</p>")
+    parts = [intro]
     curves = [("tokens", "recall", results["tokens"]), ("tokens", "ctr", results["tokens"]),
               ("negatives", "recall", results["negatives"])]
     rows, figures = [], []
@@ -86,10 +89,11 @@ def _scaling(results: dict) -> str:
 
 
 def _figure(title: str, xlabel: str, fit: dict, points: list[tuple[float, float]]) -> str:
-    law = (fit["law"]["a"], fit["law"]["b"], fit["law"]["c"]) if "law" in fit else None
-    held = fit.get("held_out", {}).get("predicted") if "law" in fit else None
+    curve = curve_from_dict(fit["curve"]) if "curve" in fit else None
+    label = f"{curve.form}: {curve.describe_briefly()}" if curve else None
+    held = fit.get("held_out", {}).get("predicted") if curve else None
     reference = fit.get("reference", {}).get("value")
-    return plots.scaling_curve(title, xlabel, fit["quantity"], points, law, held, reference)
+    return plots.scaling_curve(title, xlabel, fit["quantity"], points, curve, label, held, reference)
 
 
 def _signed(value: float) -> object:

@@ -29,7 +29,8 @@ def print_scaling(results: dict) -> None:
     for model, fits in results["behaviour_length"]["fits"].items():
         for fit in fits.values():
             rows.append(fit_row(f"length ({model}): {fit['quantity']}", fit))
-    ui.print_table("scaling laws y = a·x^(-b) + c, the largest x held out and predicted", rows, FIT_COLUMNS)
+    ui.print_table("scaling curves (flat, log-linear or y = a·x^(-b) + c, whichever predicts left-out x best), "
+                   "the largest x held out and predicted", rows, FIT_COLUMNS)
     for axis in ("tokens", "negatives"):
         points = results[axis]["points"]
         ui.print_table(f"{axis}: {results[axis]['x']}", [(p["name"], p["x"], p["recall"]) for p in points],
@@ -37,21 +38,25 @@ def print_scaling(results: dict) -> None:
     ui.log(results["verdict"])
 
 
-FIT_COLUMNS = ("curve", "b", "c", "R²", "held-out x", "predicted", "observed", "within seed CI",
+FIT_COLUMNS = ("curve", "form", "trend", "b", "c", "R²", "held-out x", "predicted", "observed", "within seed CI",
                "reaches its reference at")
 
 
 def fit_row(name: str, fit: dict) -> tuple:
-    """A fitted curve as a table row: exponent, floor, R², the held-out check, where it meets its reference."""
+    """A fitted curve as a table row: its form and trend, exponent and floor where it is a power
+    law, R², the held-out check, where it meets its reference."""
     if "error" in fit:
-        return (name, fit["error"], "-", "-", "-", "-", "-", "-", "-")
-    law, held = fit["law"], fit["held_out"]
-    if "error" in held:
+        return (name, fit["error"], *("-" for _ in FIT_COLUMNS[2:]))
+    curve, held = fit["curve"], fit["held_out"]
+    exponent = curve["params"]["b"] if curve["form"] == "power law" else "-"
+    floor = curve["params"]["c"] if curve["form"] != "log-linear" else "-"
+    if "fit_without" not in held:  # no held-out check: too few points
         held_cells = ("-", "-", "-", "-")
     else:
         within = "-" if held["within_seed_ci"] is None else ("yes" if held["within_seed_ci"] else "no")
         held_cells = (held["x"], held["predicted"], held["observed"], within)
     ref = fit.get("reference")
     reached = "-" if not ref else ("already past" if ref["already"] else
-                                   "never" if ref["reached_at"] is None else f"{ref['reached_at']:,.0f}")
-    return (name, law["b"], law["c"], law["r2"], *held_cells, reached)
+                                   f"never ({curve['trend']})" if ref["reached_at"] is None else
+                                   f"{ref['reached_at']:,.0f}")
+    return (name, curve["form"], curve["trend"], exponent, floor, curve["r2"], *held_cells, reached)

@@ -10,16 +10,16 @@ Three axes, each over the config's `study` values (at least four doublings by de
 - **behaviour length**: `ctr.max_len` in `study.behaviour_lengths` -> DIN's and CUBE's (over
   the stage-2 version) test logloss and AUC, every seed.
 
-Each curve is fitted with y = a·x^(−b) + c on its loss-like form (1 − recall, 1 − AUC,
-logloss) over every seed's point; the largest x is then held out and predicted from the others.
-Where a curve has a non-learned reference (the baseline's recall, CUBE over the baseline's
-vectors), the study says at what x the fitted curve would reach it, if it holds. Results go
+Each curve is fitted on its loss-like form (1 − recall, 1 − AUC, logloss) over every seed's
+point, as the form of flat, log-linear and saturating power law that best predicts left-out
+points (`moon.study.fit`); the largest x is then held out and predicted from the others. Where a
+curve falls and has a non-learned reference (the baseline's recall, CUBE over the baseline's
+vectors), the study says at what x it would reach it, if it holds. Results go
 to `study/scaling.json`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from moon.eval.retrieval import evaluate_versions
 from moon.io.atomic import atomic_json
 from moon.study.downstream import cube_lifts
 from moon.study.exchange_rate import GUIDING, intermediate_metrics
-from moon.study.fit import fit_power_law, held_out_check
+from moon.study.fit import curve_from_dict, fit_curve, held_out_check
 from moon.study.variants import (
     negatives_per_query,
     queue_variants,
@@ -129,25 +129,26 @@ def _by_seed(points: list[dict], key: str, transform=lambda v: v) -> tuple[list[
 
 
 def _fit(x: list[float], y: list[float], reference: float | None, quantity: str, reference_name: str | None) -> dict:
-    """The power law on every point, the held-out check on the largest x, and the x at which the
-    curve reaches the reference (None: never, on this fit)."""
+    """The chosen curve on every point, the held-out check on the largest x, and the x at which the
+    curve reaches the reference (None: never, on this curve)."""
     try:
-        law = fit_power_law(x, y)
+        curve = fit_curve(x, y)
     except (ValueError, RuntimeError) as exc:
         return {"quantity": quantity, "error": str(exc)}
-    out = {"quantity": quantity, "law": asdict(law)}
+    out = {"quantity": quantity, "curve": curve.to_dict()}
     try:
         out["held_out"] = held_out_check(x, y)
     except (ValueError, RuntimeError) as exc:
         out["held_out"] = {"error": f"no held-out check: {exc}"}
     if reference is not None:
-        out["reference"] = {"name": reference_name, "value": reference, "reached_at": law.reaches(reference),
-                            "already": bool(min(law(np.unique(x))) <= reference)}
+        out["reference"] = {"name": reference_name, "value": reference, "reached_at": curve.reaches(reference),
+                            "largest_x": max(x), "already": bool(min(curve(np.unique(x))) <= reference)}
     return out
 
 
 def verdict(results: dict) -> str:
-    """One paragraph from the figures: exponents, held-out errors, where a curve meets its reference."""
+    """One paragraph from the figures: each curve's form and rate, its held-out error, and where a
+    falling curve meets its reference."""
     sentences = []
     for axis, key in (("tokens", "recall"), ("tokens", "ctr"), ("negatives", "recall")):
         fit = results[axis][key]
@@ -155,22 +156,28 @@ def verdict(results: dict) -> str:
         if "error" in fit:
             sentences.append(f"{name}: no fit ({fit['error']}).")
             continue
-        law, held = fit["law"], fit["held_out"]
-        sentence = f"{name}: exponent b = {law['b']:.2f}, floor c = {law['c']:.3f}, R² {law['r2']:.2f}"
-        if "error" not in held:
-            sentence += f"; the largest point, held out, was predicted {held['error']:+.4f} off"
-        ref = fit.get("reference")
-        if ref:
-            if ref["already"]:
-                sentence += f"; it is already past {ref['name']}"
-            elif ref["reached_at"] is None:
-                sentence += f"; on this curve it never reaches {ref['name']} (its floor is above)"
-            else:
-                sentence += f"; it would reach {ref['name']} at about {ref['reached_at']:,.0f} if the curve holds"
+        sentence = f"{name}: {curve_from_dict(fit['curve']).describe()}"
+        held = fit["held_out"]
+        if "fit_without" in held:
+            sentence += (f"; without its largest point the procedure chose {held['fit_without']['form']} and "
+                         f"predicted that point {held['miss']:+.4f} off")
+        sentence += _against_reference(fit.get("reference"), fit["curve"]["trend"])
         sentences.append(sentence + ".")
     for model, fits in results["behaviour_length"]["fits"].items():
-        fit = fits["logloss"]
-        if "law" in fit:
-            sentences.append(f"Behaviour length -> {model} test logloss: b = {fit['law']['b']:.2f}, "
-                             f"floor {fit['law']['c']:.4f}, R² {fit['law']['r2']:.2f}.")
+        for fit in fits.values():
+            if "curve" in fit:
+                curve = curve_from_dict(fit["curve"])
+                sentences.append(f"Behaviour length -> {model} {fit['quantity']}: {curve.describe()}.")
     return " ".join(sentences)
+
+
+def _against_reference(reference: dict | None, trend: str) -> str:
+    if not reference:
+        return ""
+    if reference["already"]:
+        return f"; it is already past {reference['name']}"
+    if reference["reached_at"] is not None:
+        return (f"; it would reach {reference['name']} at about {reference['reached_at']:,.0f} "
+                f"({reference['reached_at'] / reference['largest_x']:,.0f}× the largest x measured) if the curve holds")
+    why = {"flat": "it is flat", "rises": "it moves away", "falls": "its floor is above"}[trend]
+    return f"; it does not reach {reference['name']} ({why})"
