@@ -91,6 +91,50 @@ def ingest(config: MoonConfig, run_dir: Path, source: str, fmt: str | None):
     ui.print_table(f"ingested {source} -> {run_dir}", summary.rows(), ("", "rows"))
 
 
+@cli.command("ingest-queries")
+@click.argument("source", type=click.Path())
+@stage_command
+def ingest_queries(config: MoonConfig, run_dir: Path, source: str):
+    """Ingest a labelled query set (CSV or JSONL: query_text and/or query_image, item_ids, split); it replaces
+    the run's labelled set. Its train split joins post-training stage 1, its test split `moon eval retrieval`."""
+    from moon.sources.labelled import ingest_queries as run_ingest
+
+    summary = run_ingest(Path(source), config, run_dir)
+    ui.print_table(f"labelled queries {source} -> {run_dir}", summary.rows(), ("", "rows"))
+    if summary.replaced:
+        click.echo(summary.replaced)
+
+
+@cli.command("ingest-log")
+@click.argument("source", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["auto", "ubi", "events", "taobao"]), default="auto",
+              help="ubi: a folder with queries.jsonl + events.jsonl; events: MOON's events columns as Parquet or "
+              "CSV; taobao: the UserBehavior CSV (default: detected)")
+@stage_command
+def ingest_log(config: MoonConfig, run_dir: Path, source: str, fmt: str):
+    """Ingest a real behaviour log over the run's catalogue as the events table (appends; bad rows go to
+    log_rejects.parquet)."""
+    from moon.sources.log import ingest_log as run_ingest
+
+    summary = run_ingest(Path(source), config, run_dir, fmt)
+    ui.print_table(f"ingested {source} ({summary.format}) -> {run_dir}", summary.rows(), ("", "rows"))
+    ui.log(f"rejected rows and their reasons -> {RunDir(run_dir).log_rejects}")
+
+
+@cli.command("export-log")
+@click.option("--format", "fmt", type=click.Choice(["ubi"]), default="ubi", show_default=True,
+              help="the log format to write")
+@click.option("--out", type=click.Path(file_okay=False), help="folder to write (default: <run-dir>/export/ubi)")
+@stage_command
+def export_log(config: MoonConfig, run_dir: Path, fmt: str, out: str | None):
+    """Write the run's behaviour log in UBI 1.3 (queries.jsonl + events.jsonl), readable by `moon ingest-log`."""
+    from moon.sources.ubi import export_log as run_export
+
+    folder = Path(out) if out else run_dir / "export" / fmt
+    counts = run_export(run_dir, folder)
+    click.echo(f"{counts['queries']:,} queries and {counts['events']:,} events -> {folder}")
+
+
 @cli.command()
 @stage_command
 def pairs(config: MoonConfig, run_dir: Path):

@@ -121,6 +121,13 @@ class IngestConfig(Section):
         False, description="group items with the same normalised title into one SPU"
     )
     shard_rows: int = Field(8192, gt=0, description="rows per output Parquet shard")
+    max_query_image_bytes: int = Field(
+        5_000_000, gt=0, description="behaviour logs: query photos with more bytes are rejected as too large"
+    )
+    labelled_test_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="moon ingest-queries: share of labelled queries without a split of their "
+        "own that become test queries, chosen by a hash of the query (a query keeps its split on every re-ingest)",
+    )
 
 
 # MOON's published stage-1 mix, in billions of pairs; only the proportions matter here.
@@ -165,6 +172,14 @@ class PairsConfig(Section):
         0.9, gt=0.0, le=1.0, description="titles with at least this MinHash Jaccard similarity are duplicates"
     )
     batch_rows: int = Field(200_000, gt=0, description="event rows read per streamed batch")
+    labelled_weight: float = Field(
+        3.0, ge=0.0, description="stage 1: weight of a pair from a labelled query set's train split (a judged "
+        "match counts as a purchase by default); 0 leaves them out",
+    )
+    labelled_item_view: Literal["image", "title+image", "richer-text+image"] = Field(
+        "richer-text+image", description="stage 1: the item view of labelled pairs (tasks text-><view> and "
+        "image-><view>); the view models serve by default",
+    )
 
     @field_validator("mix")
     @classmethod

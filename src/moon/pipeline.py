@@ -2,8 +2,10 @@
 
 A stage is current when every table it writes exists and was made from the same
 config sections (the digest in its manifest), or, for a stage with its own `current`
-test (embed, index), when that test says so. Adding a stage to the demo is one line
-in `DEMO`.
+test, when that test says so: pairs and post-training also follow the labelled query set
+(`moon ingest-queries`), embed and index the weights that made a store version.
+A run whose behaviour log was ingested
+(`moon ingest-log`) simulates nothing. Adding a stage to the demo is one line in `DEMO`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from moon.pairs import build as pairs
 from moon.report import build_report, print_location
 from moon.represent import embed_catalogue
 from moon.run import RunDir
+from moon.sources.log import has_real_log
 from moon.sources.simulate.write import OUTPUTS as SIMULATE_OUTPUTS
 from moon.sources.simulate.write import SECTIONS as SIMULATE_SECTIONS
 from moon.sources.simulate.write import simulate
@@ -96,17 +99,22 @@ def _stage2_indexed(config: MoonConfig, run_dir: Path) -> bool:
     return version is not None and index_is_current(run_dir, version)
 
 
+SIMULATE = Stage("simulate", simulate, SIMULATE_SECTIONS, SIMULATE_OUTPUTS, print_summary,
+                 options=("replace_ingested",))
 DEMO: list[Stage] = [
-    Stage("simulate", simulate, SIMULATE_SECTIONS, SIMULATE_OUTPUTS, print_summary, options=("replace_ingested",)),
-    Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report),
+    SIMULATE,
+    Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report, current=pairs.is_current),
     Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",)),
-    Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",)),
-    Stage("posttrain stage 2", partial(posttrain.posttrain, stage=2), posttrain.SECTIONS, ("models/stage2",)),
+    Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",),
+          current=partial(posttrain.is_current, stage=1)),
+    Stage("posttrain stage 2", partial(posttrain.posttrain, stage=2), posttrain.SECTIONS, ("models/stage2",),
+          current=partial(posttrain.is_current, stage=2)),
     Stage("embed", embed_stage2, (), (), current=lambda config, run_dir: stage2_version(run_dir) is not None),
     Stage("index", index_stage2, (), (), current=_stage2_indexed),
     Stage("eval retrieval", retrieval.evaluate, (), (), lambda run_dir: retrieval.print_saved(run_dir)),
     Stage("embed baseline", embed_baseline, (), (), current=_has_baseline_version),
-    Stage("ctr build", ctr_samples.build_samples, ctr_samples.SECTIONS, ctr_samples.OUTPUTS),
+    Stage("ctr build", ctr_samples.build_samples, ctr_samples.SECTIONS, ctr_samples.OUTPUTS,
+          current=ctr_samples.is_current),
     Stage("ctr train", ctr_train.train, (), ()),  # always runs: it reuses every run trained before
     Stage("ctr eval", ctr_evaluate.evaluate, (), (), ctr_evaluate.print_saved),
     Stage("report", build_report, (), (), print_location),
@@ -117,6 +125,10 @@ def run(stages: list[Stage], config: MoonConfig, run_dir: Path, fresh: bool = Fa
     """Runs each stage whose outputs are not current (every stage when `fresh`); `options`
     (e.g. replace_ingested=True) go to the stages that take them."""
     for stage in stages:
+        if stage is SIMULATE and has_real_log(run_dir):  # the catalogue and the log are the user's
+            ui.log(f"[bold]behaviour is real[/bold]: {run_dir}/events was ingested from "
+                   f"{read_manifest(run_dir, 'events').get('source')}; nothing is simulated")
+            continue
         if not fresh and stage.is_current(config, run_dir):
             ui.log(f"[dim]{stage.name}: outputs in {run_dir} are current, skipped[/dim]")
             continue

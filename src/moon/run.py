@@ -6,7 +6,10 @@ strings of its own:
 
     runs/<name>/
       items/ events/ users/ item_truth/       tables of a source (simulate, ingest)
-      rejects.parquet                          input rows a source could not use
+      rejects.parquet                          catalogue rows `moon ingest` could not use
+      log_rejects.parquet                      behaviour-log rows `moon ingest-log` could not use
+      labelled_queries/                        a labelled query set a user brought in (moon ingest-queries)
+      labelled_queries_rejects.parquet         the rows of that set that could not be used
       pairs_stage1/ pairs_stage2/ eval_image_search/ near_duplicates/   tables of `moon pairs`
       pairs_stats.json                         what each pair-cleaning step kept and dropped
       models/<stage>/                          a published model (pretrain, stage1, stage2)
@@ -52,6 +55,16 @@ class RunDir:
     @property
     def rejects(self) -> Path:
         return self.root / "rejects.parquet"
+
+    @property
+    def labelled_rejects(self) -> Path:
+        """Rows of a labelled query set that could not be used (apart from the catalogue's rejects)."""
+        return self.root / "labelled_queries_rejects.parquet"
+
+    @property
+    def log_rejects(self) -> Path:
+        """Behaviour-log rows `moon ingest-log` could not use, with the reason (every part's)."""
+        return self.root / "log_rejects.parquet"
 
     @property
     def pairs_stats(self) -> Path:

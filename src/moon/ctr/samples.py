@@ -24,15 +24,22 @@ import pyarrow.compute as pc
 from moon import ui
 from moon.config import MoonConfig
 from moon.io import schema
-from moon.io.tables import TableWriter, dataset, read_manifest
-from moon.pairs.log import MS_PER_DAY, check_split_days
+from moon.io.tables import TableWriter, dataset, has_table, read_manifest
+from moon.pairs.log import MS_PER_DAY, check_split_days, log_digest
 from moon.queries import query_ids
 
-SECTIONS = ("pairs",)
+SECTIONS = ("pairs",)  # with the log's (`log_digest`): the samples are split by the pairs' days
 OUTPUTS = ("ctr_samples", "ctr_behaviour", "ctr_queries")
 BEHAVIOUR_ACTIONS = ("click", "cart", "purchase")
 LOG_COLUMNS = ["ts", "user_id", "session_id", "query_text", "query_image", "item_id", "position", "action"]
 BATCH_ROWS = 200_000
+
+
+def is_current(config: MoonConfig, run_dir: Path) -> bool:
+    """Whether the samples were made from this config and this log (the pipeline's test)."""
+    digest = log_digest(config, run_dir, *SECTIONS)
+    return all(has_table(run_dir, name) and read_manifest(run_dir, name).get("config_digest") == digest
+               for name in OUTPUTS)
 
 
 def build_samples(config: MoonConfig, run_dir: Path) -> dict:
@@ -43,7 +50,7 @@ def build_samples(config: MoonConfig, run_dir: Path) -> dict:
     impressions, behaviour = read_log(run_dir)
     samples = label_impressions(impressions, behaviour)
     samples = add_days_and_splits(samples, start_ms, days, config)
-    common = {"stage": "ctr build", "config_digest": config.digest(*SECTIONS), "seed": config.seed}
+    common = {"stage": "ctr build", "config_digest": log_digest(config, run_dir, *SECTIONS), "seed": config.seed}
     splits = split_days(start_ms, days, config)
     write(run_dir, "ctr_samples", samples.sort_by([("ts", "ascending"), ("request_id", "ascending"),
                                                    ("position", "ascending")]),

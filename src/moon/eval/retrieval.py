@@ -4,7 +4,10 @@ The held-out user photos of `eval_image_search` search the whole catalogue (imag
 search, the guiding metric). Beside it, two more query sets from the test split of the
 pair tables: text queries, each with every item its session engaged with after it (text
 search), and items as queries, each with the items its session engaged with after it
-(item -> item, the query item left out of its own ranking). Every model the run has is
+(item -> item, the query item left out of its own ranking). When the run holds a labelled
+query set a user brought in (`moon ingest-queries`), its test split adds two more: its
+photos (labelled image search) and its texts (labelled text search), each query with every
+item the people who labelled it judged a hit. Every model the run has is
 measured on the same queries: the non-learned baseline, the untrained backbone, the
 pretrained model, and the stage-1 and stage-2 embedders, at every Matryoshka dimension;
 plus, for image search, a hard set where each query's distractors are only the items of
@@ -53,14 +56,15 @@ from moon.views import SERVED_VIEW
 HARD_K = 10
 PREDICTED_K = 10  # results saved per image-search query and model
 PAIR_TABLES = ("pairs_stage1", "pairs_stage2")  # where held-out text and item queries come from
+LABELLED_TABLE = "labelled_queries"
 
 
 @dataclass(frozen=True)
 class HeldOut:
     """Test-split queries of one kind, each with the items its session engaged with after it."""
 
-    queries: list  # the query text, or the query item's id
-    targets: list[list[str]]  # item ids clicked, carted or bought after the query, sorted
+    queries: list  # the query text, the query item's id, or a labelled query's photo
+    targets: list[list[str]]  # item ids clicked, carted or bought after the query (or judged hits), sorted
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -76,6 +80,10 @@ class Vectors:
     dims: list[int] | None  # Matryoshka dims to score; None: the full vector only
     item_view: str = SERVED_VIEW  # the view the catalogue is seen in
     source: str = "encoded by moon eval retrieval"  # where the catalogue vectors came from
+    # The labelled set's test photos and texts; None where not encoded (no labelled set, or a store
+    # version, which holds only the log's queries)
+    labelled_photos: np.ndarray | None = None
+    labelled_texts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,10 @@ class QuerySets:
     pairs: HeldOut  # item queries
     item_relevant: list
     own_rows: np.ndarray  # each item query's own catalogue row
+    labelled_photos: HeldOut = HeldOut([], [])  # the labelled set's test queries with a photo
+    labelled_photo_relevant: list = ()
+    labelled_texts: HeldOut = HeldOut([], [])  # ... and with a text
+    labelled_text_relevant: list = ()
 
     @classmethod
     def load(cls, config: MoonConfig, run_dir: Path) -> QuerySets:
@@ -103,6 +115,8 @@ class QuerySets:
         texts = held_out(run_dir, ("text",), "query_text")
         pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id")
         own = relevant_items(pairs.queries, None, catalogue[0], None, False)
+        labelled = {column: labelled_held_out(run_dir, column, set(catalogue[0].to_pylist()))
+                    for column in ("query_image", "query_text")}
         return cls(
             items=items, views=ItemViews(items), photo_query_ids=queries["query_id"],
             photos=queries["query_image"].to_pylist(),
@@ -111,6 +125,10 @@ class QuerySets:
             texts=texts, text_relevant=relevant_sets(texts.targets, *catalogue, spu_hit=spu_hit),
             pairs=pairs, item_relevant=relevant_sets(pairs.targets, *catalogue, spu_hit=spu_hit),
             own_rows=np.array([rows[0] for rows in own], np.int64),
+            labelled_photos=labelled["query_image"],
+            labelled_photo_relevant=relevant_sets(labelled["query_image"].targets, *catalogue, spu_hit=spu_hit),
+            labelled_texts=labelled["query_text"],
+            labelled_text_relevant=relevant_sets(labelled["query_text"].targets, *catalogue, spu_hit=spu_hit),
         )
 
     def score(self, vectors: Vectors, config: MoonConfig) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
@@ -126,6 +144,11 @@ class QuerySets:
         if len(self.pairs):
             report["item_to_item"] = retrieval_recall(vectors.items[self.own_rows], vectors.items, self.item_relevant,
                                                       dims=vectors.dims, exclude=self.own_rows, **scored).to_dict()
+        labelled = (("labelled_image_search", self.labelled_photos, vectors.labelled_photos, self.labelled_photo_relevant),
+                    ("labelled_text_search", self.labelled_texts, vectors.labelled_texts, self.labelled_text_relevant))
+        for key, held, queries, relevant in labelled:
+            if len(held) and queries is not None:
+                report[key] = retrieval_recall(queries, vectors.items, relevant, dims=vectors.dims, **scored).to_dict()
         return report, image_search.top
 
 
@@ -134,8 +157,7 @@ def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | 
     sets = QuerySets.load(config, run_dir)
     run = RunDir(run_dir)
     results = {}
-    for label, vectors in _models(config, run_dir, sets.items, sets.views, sets.photos, sets.texts.queries,
-                                  extra_models):
+    for label, vectors in _models(config, run_dir, sets, extra_models):
         ui.log(f"evaluating {label}")
         results[label], top = sets.score(vectors, config)
         save_predictions(run.predictions(label), sets.photo_query_ids, top, vectors, sets.views.item_ids)
@@ -150,6 +172,8 @@ def evaluate_versions(config: MoonConfig, run_dir: Path, versions: Sequence[str]
     log's queries (every held-out photo and text query is a query of the log). Any version will do,
     one made without a model too; a version lacking a held-out query or item is refused."""
     sets = QuerySets.load(config, run_dir)
+    if len(sets.labelled_photos) + len(sets.labelled_texts):
+        ui.log("store versions hold the log's queries, not a labelled set's: its query sets are left out here")
     store = Store(run_dir)
     photo_ids = [query_id(None, photo) for photo in sets.photos]
     text_ids = [query_id(text, None) for text in sets.texts.queries]
@@ -183,6 +207,27 @@ def save_predictions(path: Path, query_ids: pa.ChunkedArray, top: tuple[np.ndarr
     atomic_parquet(table, path)
 
 
+def labelled_held_out(run_dir: Path, column: str, catalogue_ids: set[str]) -> HeldOut:
+    """The test split of the run's labelled query set, its queries with a `column` (query_image or
+    query_text), each with its judged items. Items the catalogue no longer holds (it was replaced
+    after the set was ingested) are left out, and queries left with none; a log line says so."""
+    if not has_table(run_dir, LABELLED_TABLE):
+        return HeldOut([], [])
+    table = read_table(run_dir, LABELLED_TABLE, columns=[column, "item_ids", "split"])
+    test = table.filter(pc.and_(pc.equal(table["split"], "test"), pc.is_valid(table[column])))
+    queries, targets, gone = [], [], 0
+    for query, items in zip(test[column].to_pylist(), test["item_ids"].to_pylist()):
+        known = sorted(item for item in items if item in catalogue_ids)
+        gone += len(items) - len(known)
+        if known:
+            queries.append(query)
+            targets.append(known)
+    if gone:
+        ui.log(f"labelled {column}: {gone} judged items are not in the catalogue (replaced since the set was "
+               f"ingested?): left out, and {test.num_rows - len(queries)} queries with none left")
+    return HeldOut(queries, targets)
+
+
 def held_out(run_dir: Path, query_views: Sequence[str], key: str) -> HeldOut:
     """Test-split pairs whose query view is one of `query_views`, grouped into one query per
     (session, query `key`) whose targets are every positive item of its pairs, from both pair tables."""
@@ -199,18 +244,30 @@ def held_out(run_dir: Path, query_views: Sequence[str], key: str) -> HeldOut:
     return HeldOut([query for _, query in order], [sorted(groups[k]) for k in order])
 
 
-def _models(config, run_dir, items: pa.Table, views: ItemViews, photos: list[bytes], texts: list[str], extra_models):
+def _models(config, run_dir, sets: QuerySets, extra_models):
     """(label, Vectors) for each model, computed one at a time."""
+    items, views, photos, texts = sets.items, sets.views, sets.photos, sets.texts.queries
     baseline = BaselineEmbedder.fit(items)
     yield "baseline", Vectors(baseline.encode_images(photos), baseline.encode_texts(texts),
-                              baseline.encode_items(items, SERVED_VIEW), None, SERVED_VIEW)
+                              baseline.encode_items(items, SERVED_VIEW), None, SERVED_VIEW,
+                              **_labelled_vectors(sets, baseline.encode_images, baseline.encode_texts))
     untrained = Embedder.create(config.model, views.texts(), seed=config.seed)
-    yield "untrained", _embed(untrained, views, photos, texts)
+    yield "untrained", _embed(untrained, sets)
     run = RunDir(run_dir)
     found = {stage: run.model(stage) for stage in run.trained_models()}
     for label, path in {**found, **(extra_models or {})}.items():
         embedder = Embedder.load(path)
-        yield label, _embed(embedder, views, photos, texts, *_served_items(run_dir, embedder, views))
+        yield label, _embed(embedder, sets, *_served_items(run_dir, embedder, views))
+
+
+def _labelled_vectors(sets: QuerySets, encode_photos, encode_texts) -> dict:
+    """The labelled set's test photos and texts encoded, as Vectors fields; none without a labelled set."""
+    vectors = {}
+    if len(sets.labelled_photos):
+        vectors["labelled_photos"] = encode_photos(sets.labelled_photos.queries)
+    if len(sets.labelled_texts):
+        vectors["labelled_texts"] = encode_texts(sets.labelled_texts.queries)
+    return vectors
 
 
 def _served_items(run_dir: Path, embedder: Embedder, views: ItemViews) -> tuple[np.ndarray | None, str | None]:
@@ -230,19 +287,32 @@ def _served_items(run_dir: Path, embedder: Embedder, views: ItemViews) -> tuple[
     return stored.vectors()[rows], version
 
 
-def _embed(embedder: Embedder, views: ItemViews, photos: list[bytes], texts: list[str],
-           items: np.ndarray | None = None, version: str | None = None) -> Vectors:
-    view = embedder.settings.served_view
-    total = len(photos) + len(texts) + (len(views) if items is None else 0)
+def _embed(embedder: Embedder, sets: QuerySets, items: np.ndarray | None = None, version: str | None = None) -> Vectors:
+    view, views, photos, texts = embedder.settings.served_view, sets.views, sets.photos, sets.texts.queries
+    labelled = len(sets.labelled_photos) + len(sets.labelled_texts)
+    total = len(photos) + len(texts) + labelled + (len(views) if items is None else 0)
     with ui.progress("encode queries and catalogue", total, unit="inputs") as advance:
+        encode_photos, encode_texts = _query_encoders(embedder, advance)
         return Vectors(
-            photos=embedder.encode([Input(None, photo) for photo in photos], advance=advance),
-            texts=embedder.encode([Input(text, None) for text in texts], advance=advance),
+            photos=encode_photos(photos),
+            texts=encode_texts(texts),
             items=embedder.encode(views.inputs(range(len(views)), view), advance=advance) if items is None else items,
             dims=sorted({*embedder.settings.matryoshka_dims, embedder.dim}),
             item_view=view,
             source=f"store version {version}" if version else Vectors.source,
+            **_labelled_vectors(sets, encode_photos, encode_texts),
         )
+
+
+def _query_encoders(embedder: Embedder, advance: ui.Advance):
+    """(photos -> vectors, texts -> vectors): the model's image and text paths, reporting to one progress bar."""
+    def encode_photos(photos: list[bytes]) -> np.ndarray:
+        return embedder.encode([Input(None, photo) for photo in photos], advance=advance)
+
+    def encode_texts(texts: list[str]) -> np.ndarray:
+        return embedder.encode([Input(text, None) for text in texts], advance=advance)
+
+    return encode_photos, encode_texts
 
 
 def same_leaf_recall(query_vectors, item_vectors, relevant, leaves: np.ndarray, seed: int) -> dict:
@@ -274,10 +344,14 @@ def print_results(results: dict) -> None:
     _print_other_groups(results)
 
 
+OTHER_GROUPS = (("text_search", "text"), ("item_to_item", "item->item"),
+                ("labelled_image_search", "labelled photo"), ("labelled_text_search", "labelled text"))
+
+
 def _print_other_groups(results: dict) -> None:
-    """Text search and item -> item at the full dimension, one row per query set and model."""
+    """Text search, item -> item and the labelled sets at the full dimension, one row per query set and model."""
     rows, columns, counts = [], (), []
-    for key, name in (("text_search", "text"), ("item_to_item", "item->item")):
+    for key, name in OTHER_GROUPS:
         reports = {label: report[key] for label, report in results.items() if key in report}
         for label, report in reports.items():
             full = _full(report["dims"])
@@ -286,7 +360,8 @@ def _print_other_groups(results: dict) -> None:
         if reports:
             counts.append(f"{next(iter(reports.values()))['queries']:,} {name}")
     if rows:
-        ui.print_table(f"text search and item -> item recall, full dimension ({', '.join(counts)} queries)",
+        labelled = ", labelled queries" if any("labelled" in count for count in counts) else ""
+        ui.print_table(f"text search and item -> item{labelled} recall, full dimension ({', '.join(counts)} queries)",
                        rows, columns)
 
 

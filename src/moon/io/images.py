@@ -20,8 +20,11 @@ import io
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from PIL import Image, ImageOps
+
+from moon.errors import Rejected
 
 # Formats every later stage (and browsers) can read as they are: their bytes are kept untouched.
 KEPT_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
@@ -62,12 +65,18 @@ def central_square(image: Image.Image, side: int, resample=Image.BILINEAR) -> Im
     return image.resize((side, side), resample, box=(left, top, left + square, top + square))
 
 
-class ImageError(Exception):
+class ImageError(Rejected):
     """An image that cannot be used; `reason` is one of the reject reasons."""
 
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
+
+def read_image_file(path: Path) -> bytes:
+    """An image file's bytes, or ImageError(missing_image) saying why they cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError("missing_image", f"image file {path} not found") from None
+    except OSError as exc:
+        raise ImageError("missing_image", f"cannot read image file {path}: {exc.strerror}") from None
 
 
 @contextmanager

@@ -106,7 +106,7 @@ PAIRS = pa.schema(
         pa.field("pos_spu_id", pa.string(), nullable=False),  # SKUs of this SPU are positives too
         pa.field("item_view", pa.string(), nullable=False),  # one of ITEM_VIEWS
         pa.field("hard_neg_item_ids", pa.list_(pa.string()), nullable=False),
-        pa.field("action", pa.string(), nullable=False),  # click, cart or purchase
+        pa.field("action", pa.string(), nullable=False),  # click, cart or purchase; labelled for a labelled query
         pa.field("weight", pa.float32(), nullable=False),
         pa.field("ts", TIMESTAMP, nullable=False),
         pa.field("region", pa.string(), nullable=False),
@@ -160,6 +160,34 @@ REJECT_REASONS = (
     "missing_id",
 )
 
+# A labelled query set a user brought in (`moon ingest-queries`): queries matched to products by
+# hand (a shopper's photo, a text with judged results), each with every item that counts as a hit.
+LABELLED_QUERIES = pa.schema(
+    [
+        pa.field("query_id", pa.string(), nullable=False),  # the file's own id, else `moon.queries.query_id`
+        pa.field("query_text", pa.string()),  # null for a photo-only query
+        pa.field("query_image", pa.binary()),  # encoded photo, null for a text-only query
+        pa.field("item_ids", pa.list_(pa.string()), nullable=False),  # relevant items, each in `items`
+        pa.field("split", pa.string(), nullable=False),  # one of LABELLED_SPLITS
+        pa.field("source", pa.string(), nullable=False),  # file the row came from
+        pa.field("row", pa.int64(), nullable=False),  # 1-based line in that file
+    ]
+)
+# train: pairs of post-training stage 1; test: a query set of `moon eval retrieval`.
+LABELLED_SPLITS = ("train", "test")
+# Why a labelled query row was rejected (a REJECTS row; its item_id names an unknown item).
+LABELLED_REJECT_REASONS = (
+    "malformed_line",
+    "no_query",  # neither a text nor an image
+    "missing_image",
+    "corrupt_image",
+    "image_too_large",
+    "no_items",
+    "unknown_item",
+    "bad_split",
+    "duplicate_id",  # a query id already kept from an earlier row
+)
+
 # CTR samples (`moon ctr build`): one row per impression. A sample's behaviour is not copied
 # into it: it is looked up at load time in the per-user side tables below, strictly before `ts`.
 CTR_SAMPLES = pa.schema(
@@ -207,4 +235,5 @@ TABLES = {
     "ctr_samples": CTR_SAMPLES,
     "ctr_behaviour": CTR_BEHAVIOUR,
     "ctr_queries": CTR_QUERIES,
+    "labelled_queries": LABELLED_QUERIES,
 }

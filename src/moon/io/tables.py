@@ -13,6 +13,7 @@ A table that a user brought in (an ingested catalogue or log; its manifest says
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -53,6 +54,24 @@ class TableWriter:
         pq.write_table(table, self.tmp / f"part-{self.shards:05d}.parquet", compression=self.compression)
         self.rows += table.num_rows
         self.shards += 1
+
+    def carry(self, run_dir: Path, name: str) -> None:
+        """Starts the new version with every shard of the current one (an append): shards are never
+        changed once written, so they are linked, not copied, where the file system allows."""
+        if not has_table(run_dir, name):
+            return
+        for shard in sorted(RunDir(run_dir).table(name).glob("part-*.parquet")):
+            target = self.tmp / f"part-{self.shards:05d}.parquet"
+            try:
+                os.link(shard, target)
+            except OSError:
+                shutil.copyfile(shard, target)
+            self.rows += pq.read_metadata(target).num_rows
+            self.shards += 1
+
+    def shard_paths(self) -> list[Path]:
+        """The shards written (or carried) so far."""
+        return sorted(self.tmp.glob("part-*.parquet"))
 
     def commit(self, **manifest) -> Path:
         """Writes the manifest and swaps the finished table into place."""

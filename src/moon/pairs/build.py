@@ -11,7 +11,9 @@
    interacted with in one session give the two item-as-query tasks (the earlier item is
    the query). Each task is sampled without replacement to its share of `pairs.mix`; the
    scale is the largest the log supports, so the scarcest task (relative to its share)
-   sets it.
+   sets it. The train split of a labelled query set the user brought in
+   (`moon ingest-queries`) adds its pairs on top, weighted `pairs.labelled_weight`
+   (`labelled.py`).
 3. Stage 2 (`pairs_stage2`): purchases only, item view richer-text+image, then in order
    (each switchable): similarity dedup (per item and query modality keep the query the
    embedder finds *least* similar: the hard, long-tail one), SPU merge (one pair per
@@ -22,12 +24,15 @@
    positive's SPU or near-duplicate group and not anything the session interacted with).
 4. `eval_image_search`: every (user photo, purchased item) of the test days.
 
-Every step records what it kept and dropped, and why, in `pairs_stats.json`.
+Every step records what it kept and dropped, and why, in `pairs_stats.json`. The tables'
+digest covers the config and the labelled set, so they are made again when either changes.
 """
 
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import time
 from collections import Counter
@@ -42,11 +47,12 @@ import pyarrow.compute as pc
 from moon import ui
 from moon.config import MoonConfig
 from moon.io import schema
-from moon.io.tables import TableWriter
+from moon.io.tables import TableWriter, has_table, read_manifest
 from moon.pairs.accounting import Accounting, Step
 from moon.pairs.duplicates import near_duplicate_groups
 from moon.pairs.eval_set import image_search_eval_set
-from moon.pairs.log import Catalogue, blocks, read_interactions
+from moon.pairs.labelled import labelled_digest, labelled_pairs
+from moon.pairs.log import Catalogue, blocks, log_digest, read_interactions
 from moon.pairs.spill import work_folder
 from moon.pairs.stage1 import stage1_pairs
 from moon.pairs.stage2 import similarity_embedder, stage2_pairs
@@ -65,11 +71,14 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
     clock = Clock()
     catalogue = Catalogue.read(run_dir)
     rng = np.random.default_rng([config.seed, 11])
-    common = {"stage": "pairs", "config_digest": config.digest(*SECTIONS), "seed": config.seed}
+    common = {"stage": "pairs", "config_digest": pairs_digest(config, run_dir), "seed": config.seed,
+              "labelled_queries": labelled_digest(run_dir)}  # the labelled set's content digest, if any
     with _returning_memory_pool(), work_folder(run_dir) as work:
         log = read_interactions(run_dir, settings, catalogue, accounting, work)
         clock.lap("read log")
-        _write_pairs(run_dir, "pairs_stage1", stage1_pairs(log, settings, rng, accounting), common, accounting)
+        stage1 = itertools.chain(stage1_pairs(log, settings, rng, accounting),
+                                 labelled_pairs(run_dir, catalogue, settings, accounting))
+        _write_pairs(run_dir, "pairs_stage1", stage1, common, accounting)
         clock.lap("stage 1")
 
         duplicates = near_duplicate_groups(catalogue.source, settings.phash_distance, settings.title_similarity, config.seed)
@@ -88,6 +97,21 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
     accounting.totals["seconds"] = clock.laps
     accounting.write(RunDir(run_dir).pairs_stats)
     return accounting
+
+
+def pairs_digest(config: MoonConfig, run_dir: Path) -> str:
+    """The digest the pair tables carry: the log's (`log_digest`: config sections, and an ingested log
+    itself) and the labelled set's when the run has one."""
+    digest = log_digest(config, run_dir, *SECTIONS)
+    labelled = labelled_digest(run_dir)
+    return digest if labelled is None else hashlib.sha256(f"{digest}:{labelled}".encode()).hexdigest()[:16]
+
+
+def is_current(config: MoonConfig, run_dir: Path) -> bool:
+    """Whether every pair table was made from this config and this labelled set (the pipeline's test)."""
+    digest = pairs_digest(config, run_dir)
+    return all(has_table(run_dir, name) and read_manifest(run_dir, name).get("config_digest") == digest
+               for name in OUTPUTS)
 
 
 @contextmanager

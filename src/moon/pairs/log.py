@@ -18,6 +18,7 @@ batch of interactions (`pairs.batch_rows`), so a smaller batch makes everything 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from moon import ui
-from moon.config import PairsConfig
+from moon.config import MoonConfig, PairsConfig
 from moon.errors import UserError
 from moon.io import schema
-from moon.io.tables import dataset, read_batches, read_manifest
+from moon.io.tables import dataset, has_table, read_batches, read_manifest, table_path
 from moon.pairs.accounting import Accounting
 from moon.pairs.spill import SORTED_ROW_GROUP, Spill, TimeBuckets, part_count, session_parts
+from moon.run import MANIFEST
 from moon.sources.summary import leaf_categories
 
 ACTION_RANK = {"click": 1, "cart": 2, "purchase": 3}
@@ -152,6 +154,20 @@ def matches(table: pa.Table, where: Where) -> pa.ChunkedArray:
     return functools.reduce(pc.and_, masks)
 
 
+LOG_SECTIONS = ("world", "behaviour", "ingest")  # the config sections that make a simulated log
+
+
+def log_digest(config: MoonConfig, run_dir: Path, *sections: str) -> str:
+    """The digest a table made from the log carries: its config sections and those that make a simulated
+    log, plus, for a log a user ingested (which no config describes), the log's own manifest, so that a
+    part appended to it makes the pairs and the CTR samples again."""
+    digest = config.digest(*LOG_SECTIONS, *sections)
+    if not has_table(run_dir, "events") or read_manifest(run_dir, "events").get("simulated") is not False:
+        return digest
+    manifest = (table_path(run_dir, "events") / MANIFEST).read_bytes()
+    return hashlib.sha256(digest.encode() + manifest).hexdigest()[:16]
+
+
 def read_interactions(
     run_dir: Path, settings: PairsConfig, catalogue: Catalogue, accounting: Accounting, work: Path
 ) -> BehaviourLog:
@@ -180,9 +196,8 @@ def _spill_by_session(run_dir, settings, catalogue, buckets, work) -> tuple[Spil
             shown = pc.equal(table["action"], "impression")
             codes = catalogue.codes(table["item_id"])  # every row's item must be in the catalogue
             impressions += np.bincount(codes[shown.to_numpy(zero_copy_only=False)], minlength=len(impressions))
-            rows = table.filter(pc.invert(shown)).drop_columns(["query_image"])
-            # A session searched with a photo exactly when its query text is null (the events contract).
-            rows = rows.append_column("image_query", pc.is_null(rows["query_text"]))
+            rows = table.filter(pc.invert(shown))
+            rows = rows.append_column("image_query", query_kind(rows)).drop_columns(["query_image"])
             acted.write(rows, session_parts(rows["session_id"], acted.parts))
             first = first_photos(table)
             photos.write(first, session_parts(first["session_id"], photos.parts))
@@ -191,6 +206,14 @@ def _spill_by_session(run_dir, settings, catalogue, buckets, work) -> tuple[Spil
     acted.close()
     photos.close()
     return acted, photos, impressions
+
+
+def query_kind(events: pa.Table) -> pa.Array:
+    """Whether each row's session searched with a photo (True) or a text (False); null where it
+    searched with neither (a browsing log, such as Taobao's: its sessions feed item -> item pairs only)."""
+    has_text, has_photo = pc.is_valid(events["query_text"]), pc.is_valid(events["query_image"])
+    nothing = pa.nulls(events.num_rows, pa.bool_())
+    return pc.if_else(has_text, False, pc.if_else(has_photo, True, nothing))
 
 
 def first_photos(events: pa.Table) -> pa.Table:

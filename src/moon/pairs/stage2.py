@@ -20,7 +20,7 @@ from moon.pairs.log import INTERACTIONS, Catalogue, blocks, take_rows
 from moon.pairs.stage1 import as_pairs
 from moon.views import SERVED_VIEW
 
-PURCHASE = {"action": "purchase"}
+PURCHASE = {"action": "purchase", "image_query": pa.array([False, True])}  # after a search: text or photo
 QUERY_COLUMNS = ["item_id", "query_text", "image_query", "photo"]
 # Images described at once: the descriptor's temporaries take about 140 kB per image, and
 # each image's vector is the same whatever else is described with it.

@@ -23,11 +23,13 @@ from moon.pairs.accounting import Accounting, Step
 from moon.report import ctr, gallery, recall, study, training
 from moon.report.html import Html, Section, not_run, note, page, table, text
 from moon.run import RunDir
+from moon.sources.log import has_real_log
 from moon.sources.summary import summarize
 
 HTML_FILE = "report.html"
 METRICS_FILE = "metrics.json"
 REAL_CATALOGUE = "behaviour is simulated over a real catalogue"
+REAL_BEHAVIOUR = "real behaviour"
 
 
 def report_path(run_dir: Path) -> Path:
@@ -94,11 +96,17 @@ def provenance(run_dir: Path) -> tuple[dict, str]:
     """Whether the catalogue is real or drawn, and the behaviour simulated: stated where a reader looks first."""
     items = read_manifest(run_dir, "items")
     real = items.get("simulated") is False
+    log = read_manifest(run_dir, "events") if has_table(run_dir, "events") else None
     origin = {"catalogue": "real" if real else "simulated",
-              "behaviour": "simulated" if has_table(run_dir, "events") else None}
-    if not has_table(run_dir, "events"):
+              "behaviour": None if log is None else "real" if has_real_log(run_dir) else "simulated"}
+    if log is None:
         command = f"moon simulate --catalog {run_dir} --run-dir {run_dir}" if real else "moon simulate"
         return origin, not_run("no behaviour log", command)
+    if origin["behaviour"] == "real":
+        parts = ", ".join(f"{part['source']} ({part['format']}, {part['kept']:,} events kept, {part['rejected']:,} "
+                          "rejected)" for part in log.get("parts", []))
+        return origin, (f'<p class="real">{REAL_BEHAVIOUR}: the behaviour log was ingested from {text(parts)}; '
+                        "no behaviour was simulated.</p>")
     if not real:
         return origin, "<p>A simulated world: the catalogue and the behaviour log are both drawn by the simulator.</p>"
     source = items.get("catalog") or read_manifest(run_dir, "events").get("catalog") or "an ingested catalogue"

@@ -25,6 +25,8 @@ GROUP_TITLES = {
     "hard_same_leaf": "image search, hard set: only the target's leaf category as distractors",
     "text_search": "text search: held-out text query -> the items its session engaged with",
     "item_to_item": "item -> item: the items its session engaged with after it (itself left out)",
+    "labelled_image_search": "labelled image search: the test photos of a labelled query set -> the items judged hits",
+    "labelled_text_search": "labelled text search: the test texts of a labelled query set -> the items judged hits",
 }
 SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}  # groups measured on another group's queries
 HEADLINE_K = 10

@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 
 from moon import ui
 from moon.config import ColumnMap, IngestConfig, MoonConfig
-from moon.errors import UserError
+from moon.errors import Rejected, UserError
 from moon.io.atomic import atomic_parquet
-from moon.io.images import ImageError, check_image, pixel_limit
+from moon.io.images import check_image, pixel_limit, read_image_file
 from moon.io.schema import ITEMS, REJECT_REASONS, REJECTS
 from moon.io.tables import TableWriter
-from moon.run import RunDir
+from moon.run import MANIFEST, RunDir
 
 # Column layouts recognised without configuration, tried in order. A layout matches when its
 # id, title and category columns are all present; its other columns are used when present.
@@ -102,14 +102,6 @@ class Record(NamedTuple):
     error: str | None = None
 
 
-class Rejected(Exception):
-    """A row that cannot become an item; `reason` is one of REJECT_REASONS."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
 @dataclass
 class Source:
     """An opened catalogue: its files, column names, row count and where image files live."""
@@ -157,8 +149,19 @@ def ingest(source: Path, config: MoonConfig, run_dir: Path, fmt: str | None = No
             seconds=summary.seconds,
             config_digest=config.digest("ingest"),
             simulated=False,
+            **_source_lexicon(src),
         )
     return summary
+
+
+def _source_lexicon(src: Source) -> dict:
+    """A MOON items table brought in from another run keeps the entity lexicon its manifest records
+    (the pair builder's named-entity filter reads it), so the catalogue is the same catalogue."""
+    manifest = src.path / MANIFEST if src.path.is_dir() else None
+    if manifest is None or not manifest.is_file():
+        return {}
+    lexicon = json.loads(manifest.read_text()).get("lexicon")
+    return {"lexicon": lexicon} if lexicon else {}
 
 
 def _write_items(
@@ -171,7 +174,7 @@ def _write_items(
         for record in records:
             try:
                 pending.append(builder.build(record))
-            except (Rejected, ImageError) as exc:
+            except Rejected as exc:  # an ImageError too
                 rejects.append(_reject_row(record, builder.columns, exc))
             if len(pending) >= shard_rows:
                 writer.write(pa.Table.from_pylist(pending, schema=ITEMS))
@@ -359,6 +362,11 @@ def read_records(src: Source, columns: ColumnMap) -> Iterator[Record]:
         yield from _csv_records(src.files[0])
 
 
+def file_records(file: Path, fmt: str) -> Iterator[Record]:
+    """The rows of one CSV or JSONL file, numbered by line: other tables a user brings in are read alike."""
+    return _jsonl_records(file) if fmt == "jsonl" else _csv_records(file)
+
+
 def _parquet_records(file: Path, columns: list[str]) -> Iterator[Record]:
     """Streams a Parquet file in record batches, so memory stays bounded whatever its size."""
     try:
@@ -506,13 +514,7 @@ class ItemBuilder:
         return self._read_image_file(name)
 
     def _read_image_file(self, name: str) -> bytes:
-        path = self.image_root / name
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise Rejected("missing_image", f"image file {path} not found") from None
-        except OSError as exc:
-            raise Rejected("missing_image", f"cannot read image file {path}: {exc.strerror}") from None
+        return read_image_file(self.image_root / name)
 
 
 def _check_image_file_pattern(pattern: str) -> None:

@@ -35,7 +35,7 @@ from moon import ui
 from moon.config import MoonConfig, PosttrainStage
 from moon.errors import UserError
 from moon.io import schema
-from moon.io.tables import has_table, read_table
+from moon.io.tables import has_table, read_manifest, read_table
 from moon.model.backbone import autocast, prepare_for_training
 from moon.model.embedder import Embedder
 from moon.model.inputs import Collator, Input, prepared_ahead
@@ -69,6 +69,7 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     items = ItemViews(read_table(run_dir, "items"))
     pairs = PairTable(train_pairs(run_dir, stage), items, product_keys(run_dir, items), settings.catalogue_pairs,
                       config.model.image_size if settings.augment_images else None, settings.restage_images)
+    trained_on = pairs_digest_of(run_dir, stage)
     embedder, source = starting_embedder(config, run_dir, stage, pairs)
     embedder.backbone = prepare_for_training(embedder.backbone, config.model)
     embedder.to(processes.device).train()
@@ -91,7 +92,8 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
     if distillation:
         state["distillation"] = distillation
 
-    checkpoints = Checkpoints(run.work(STAGES[stage]), processes, config.digest(*SECTIONS))
+    # A checkpoint is resumed only on the same pairs too: they follow the labelled query set, not only the config.
+    checkpoints = Checkpoints(run.work(STAGES[stage]), processes, f"{config.digest(*SECTIONS)}:{trained_on}")
     start, _ = checkpoints.restore(state)
     log = TrainLog(run.work(STAGES[stage]), processes, start)
     global_batch = settings.batch_size * processes.world_size
@@ -118,7 +120,8 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 checkpoints.save(done, state)
 
-    manifest = {"stage": stage, "config_digest": config.digest(*SECTIONS), "started_from": source,
+    manifest = {"stage": stage, "config_digest": config.digest(*SECTIONS), "pairs_digest": trained_on,
+                "started_from": source,
                 "steps": settings.steps, "pairs_seen": settings.steps * global_batch, "train_pairs": len(pairs),
                 "processes": processes.world_size, "temperatures": temperatures.values()}
     final = run.model(STAGES[stage])
@@ -126,6 +129,26 @@ def posttrain(config: MoonConfig, run_dir: Path, stage: int) -> Path:
         publish(embedder.save, final, manifest)
     processes.stop()
     return final
+
+
+def pairs_digest_of(run_dir: Path, stage: int) -> str | None:
+    """The digest of the pair table a stage trains on (it follows the labelled query set too)."""
+    return read_manifest(run_dir, f"pairs_stage{stage}").get("config_digest")
+
+
+def is_current(config: MoonConfig, run_dir: Path, stage: int) -> bool:
+    """Whether the published model of a stage was trained with this config on the pairs now in the run:
+    the pairs can change while the config does not (a labelled query set ingested). A model published
+    before models recorded their pairs was trained without a labelled set."""
+    pairs = f"pairs_stage{stage}"
+    if not RunDir(run_dir).has_model(STAGES[stage]) or not has_table(run_dir, pairs):
+        return False
+    model = read_manifest(run_dir, f"models/{STAGES[stage]}")
+    if model.get("config_digest") != config.digest(*SECTIONS):
+        return False
+    if "pairs_digest" in model:
+        return model["pairs_digest"] == pairs_digest_of(run_dir, stage)
+    return read_manifest(run_dir, pairs).get("labelled_queries") is None
 
 
 def starting_embedder(config: MoonConfig, run_dir: Path, stage: int, pairs: PairTable) -> tuple[Embedder, str]:
