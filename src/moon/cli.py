@@ -200,6 +200,26 @@ def index(config: MoonConfig, run_dir: Path, version: str | None, kind: str, per
     click.echo(summary(stored, results))
 
 
+@cli.command()
+@click.option("--to", "target", nargs=2, type=(click.Choice(["milvus"]), str), required=True,
+              metavar="milvus URI", help="where to write: milvus and a Milvus URI (a path ending in .db: Milvus Lite "
+              "in this process; http://host:19530: a Milvus server or cluster)")
+@click.option("--version", "version", help="store version to export (default: the latest)")
+@click.option("--alias", default="moon_items", show_default=True, help="the alias searches go through; it moves to "
+              "the exported version once that is loaded and answers")
+@click.option("--dim", type=int, help="Matryoshka dimension to export (default: the full dimension)")
+@stage_command
+def export(config: MoonConfig, run_dir: Path, target: tuple[str, str], version: str | None, alias: str,
+           dim: int | None):
+    """Write a store version into a vector database, one collection per version, and point an alias at it."""
+    from moon.store.milvus import export_version
+
+    done = export_version(run_dir, version, target[1], alias=alias, dim=dim)
+    click.echo(f"{done['version']}: {done['count']:,} items of {done['dim']} dims -> Milvus collection "
+               f"{done['collection']} at {done['uri']} ({done['action']}, {done['seconds']:.1f}s); "
+               f"alias {done['alias']} -> {done['collection']} (was {done['previous'] or 'unset'})")
+
+
 @cli.group(cls=MoonGroup, name="eval")
 def evaluate():
     """Offline metrics of the run's models."""
@@ -214,6 +234,29 @@ def eval_retrieval(config: MoonConfig, run_dir: Path):
 
     print_results(run_eval(config, run_dir))
     ui.log(f"results -> {RunDir(run_dir).retrieval_results}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on; any other than loopback "
+              "needs MOON_ADMIN_KEY (or --no-admin)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="port to listen on")
+@click.option("--model", help="serving model: a stage (stage2, stage1, pretrain) or a model directory (default: the "
+              "latest trained stage)")
+@click.option("--version", "version", help="store version to serve first (default: the newest the model made)")
+@click.option("--engine", type=click.Choice(["faiss", "milvus"]), default="faiss", show_default=True,
+              help="where searches go: the version's faiss index, or a Milvus collection (`moon export --to milvus`)")
+@click.option("--milvus-uri", help="with --engine milvus: a Milvus Lite folder (*.db) or http://host:19530")
+@click.option("--milvus-alias", help="with --engine milvus: the alias searches go through (default: moon_items)")
+@click.option("--watch", is_flag=True, help="reload when the model makes a newer store version (every "
+              "serve.watch_interval seconds)")
+@click.option("--no-admin", "no_admin", is_flag=True, help="leave out the admin routes (reload, new items)")
+@stage_command
+def serve(config: MoonConfig, run_dir: Path, host: str, port: int, model: str | None, version: str | None,
+          engine: str, milvus_uri: str | None, milvus_alias: str | None, watch: bool, no_admin: bool):
+    """Serve the run over HTTP: embed, search, lookup, versions, zero-downtime reload, real-time items (/docs)."""
+    from moon.serve.server import serve as run_server
+
+    run_server(config, run_dir, host, port, model, version, engine, milvus_uri, milvus_alias, watch, not no_admin)
 
 
 @cli.command()

@@ -315,6 +315,44 @@ class StoreConfig(Section):
     )
 
 
+class ServeConfig(Section):
+    """The HTTP service (`moon serve`): what one request may ask for, and how embedding requests are batched."""
+
+    max_body_bytes: int = Field(
+        16 << 20, gt=0, description="largest request body in bytes; a larger one is refused (413) before it is read"
+    )
+    max_inputs: int = Field(
+        32, gt=0, description="texts or images one /v1/embed request may hold, and items one /v1/admin/items request"
+    )
+    max_lookup_ids: int = Field(1000, gt=0, description="item ids one /v1/lookup request may ask for")
+    max_image_bytes: int = Field(4 << 20, gt=0, description="largest image in bytes, after base64 decoding (413)")
+    max_image_pixels: int = Field(
+        25_000_000, gt=0, description="largest image in pixels (width x height), read from its header before it is "
+        "decoded, so a decompression bomb is refused (413) without allocating its pixels",
+    )
+    max_text_chars: int = Field(2048, gt=0, description="longest text in characters (413)")
+    max_k: int = Field(1000, gt=0, description="most results one search may ask for (k)")
+    queue_size: int = Field(
+        256, gt=0, description="inputs waiting to be embedded, all requests together; a request that would pass it "
+        "is answered 429 at once",
+    )
+    batch_size: int = Field(32, gt=0, description="inputs the micro-batcher embeds in one forward pass")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="how long the micro-batcher waits for more requests to fill a batch, in milliseconds"
+    )
+    watch_interval: float = Field(
+        10.0, gt=0, description="seconds between looks at the store for a newer version (`moon serve --watch`)"
+    )
+
+    @field_validator("queue_size")
+    @classmethod
+    def _room_for_a_request(cls, queue_size: int, info) -> int:
+        largest = info.data.get("max_inputs")
+        if largest is not None and queue_size < largest:
+            raise ValueError(f"must be at least serve.max_inputs ({largest}), or a full request could never be queued")
+        return queue_size
+
+
 class EvalConfig(Section):
     """Offline retrieval metrics (`moon eval retrieval`, docs/metrics.md)."""
 
@@ -424,6 +462,7 @@ class MoonConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="domain-knowledge pretraining")
     posttrain: PosttrainConfig = Field(default_factory=PosttrainConfig, description="contrastive post-training")
     store: StoreConfig = Field(default_factory=StoreConfig, description="versioned catalogue representations")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the HTTP service (moon serve)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="offline retrieval metrics")
     ctr: CtrConfig = Field(default_factory=CtrConfig, description="CTR prediction over stored representations")
     study: StudyConfig = Field(default_factory=StudyConfig, description="exchange-rate and scaling studies")

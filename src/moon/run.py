@@ -16,6 +16,7 @@ strings of its own:
       train/<stage>/                           its resumable checkpoint and training log
       store/<version>/                         a representation store version
       index/<version>/                         the vector index of a store version
+      served_items/                            items added while `moon serve` runs (items schema)
       ctr_samples/ ctr_behaviour/ ctr_queries/ tables of `moon ctr build`
       ctr/<label>-<digest>/seed-<s>/           a trained CTR model, its result and test predictions
       eval/retrieval.json                      recall of every model

@@ -90,6 +90,7 @@ class VectorIndex:
         self.kind = kind
         self.params = dict(params)
         self.seed = seed
+        self.mapped = False  # a memory-mapped faiss file (`load(mmap=True)`): read-only
 
     # ------------------------------------------------------------ making one
 
@@ -117,8 +118,10 @@ class VectorIndex:
         return cls(index, labels, chosen, params, seed, sorted_ids)
 
     @classmethod
-    def load(cls, directory: str | Path) -> VectorIndex:
-        """The index that `save(directory)` wrote."""
+    def load(cls, directory: str | Path, mmap: bool = False) -> VectorIndex:
+        """The index that `save(directory)` wrote. `mmap` maps the faiss file read-only instead of
+        reading it (a load takes no time and processes share the page cache); a mapped index
+        cannot be added to."""
         folder = Path(directory)
         if not (folder / META_FILE).is_file():
             raise VectorIndexError(f"{folder} is not a saved vector index ({META_FILE} is missing); "
@@ -130,14 +133,17 @@ class VectorIndex:
         for name in (FAISS_FILE, IDS_FILE):
             if not (folder / name).is_file():
                 raise VectorIndexError(f"{folder} lacks {name}: the save was cut short; save or build it again")
-        index = faiss.read_index(str(folder / FAISS_FILE))
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(folder / FAISS_FILE), flags)
         ids = np.load(folder / IDS_FILE, allow_pickle=False)
         if not (index.ntotal == len(ids) == meta["size"]) or index.d != meta["dim"]:
             raise VectorIndexError(f"{folder} is inconsistent: {index.ntotal} vectors of {index.d} dims, "
                                    f"{len(ids)} ids, {META_FILE} says {meta['size']} of {meta['dim']}; "
                                    "save or build it again")
         _configure(index, meta["kind"], meta["params"])
-        return cls(index, ids, meta["kind"], meta["params"], meta.get("seed", 0))
+        loaded = cls(index, ids, meta["kind"], meta["params"], meta.get("seed", 0))
+        loaded.mapped = mmap
+        return loaded
 
     # ------------------------------------------------------------ using one
 
@@ -177,6 +183,9 @@ class VectorIndex:
     def add(self, vectors: np.ndarray, ids) -> None:
         """Indexes new items after the existing ones. An id already in the index is refused: an item's
         vector changes only by rebuilding, so an index never holds two answers for one id."""
+        if self.mapped:  # faiss aborts the whole process on a write to a mapped index: refuse it here
+            raise VectorIndexError("this index is memory-mapped (loaded with mmap=True), so it is read-only: "
+                                   "load it without mmap to add items")
         x = _unit(vectors, "vectors", self.dim)
         labels = _as_ids(ids, x.shape[0])
         if x.shape[0] == 0:

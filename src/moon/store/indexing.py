@@ -97,15 +97,22 @@ def is_current(run_dir: Path, version: str) -> bool:
                                    for name, entry in indexes.items())
 
 
-def load_index(run_dir: Path, version: str | None = None, dim: int | None = None) -> VectorIndex:
-    """The saved index of a store version (default: the latest) at `dim` (default: full)."""
+def load_index(run_dir: Path, version: str | None = None, dim: int | None = None, mmap: bool = False) -> VectorIndex:
+    """The saved index of a store version (default: the latest) at `dim` (default: full); `mmap` maps it
+    read-only (`VectorIndex.load`)."""
     store = Store(run_dir)
     stored = store.open(version) if version else store.latest()
     path = RunDir(run_dir).index(stored.name) / folder_name(dim or stored.dim, stored.dim)
     if not path.is_dir():
         flag = " --per-dim" if dim and dim != stored.dim else ""
         raise UserError(f"no saved index at {path}: run `moon index --version {stored.name}{flag}`")
-    return VectorIndex.load(path)
+    return VectorIndex.load(path, mmap=mmap)
+
+
+def built_from(run_dir: Path, stored: StoreVersion) -> bool:
+    """Whether the saved index of `stored` (if any) was built from this very store version, not from an
+    earlier version of the same name: only then may its items be trusted to hold this version's vectors."""
+    return _same_source(RunDir(run_dir).index(stored.name), stored)
 
 
 def _dims(stored: StoreVersion, root: Path, per_dim: bool) -> list[int]:
