@@ -6,6 +6,7 @@ is scaled by the world size because DDP averages gradients over ranks while each
 holds only its own shard's share of the full-batch gradient.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -32,7 +33,9 @@ def data():
 
 
 def main(out: str) -> None:
-    dist.init_process_group("gloo")
+    # A collective that waits on a rank that died fails within a minute, with its error, instead of
+    # hanging until the test's own timeout kills torchrun and leaves this rank behind.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = DistributedDataParallel(encoder())
     queries, items = data()
@@ -45,12 +48,11 @@ def main(out: str) -> None:
         grads = {name: p.grad.tolist() for name, p in model.module.named_parameters()}
         with open(out, "w") as handle:
             json.dump({"loss": loss.item(), "grads": grads, "negatives": len(c) - 1}, handle)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    dist.barrier()  # no rank leaves while another still talks to it
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Skip interpreter teardown: gloo's threads can abort the process while static objects
-    # are destroyed, after all the work above is done and written.
+    # Skip gloo's teardown and the interpreter's: after the barrier every rank has done and
+    # written its work, and tearing gloo down can abort or block a rank whose peer has gone.
     os._exit(0)

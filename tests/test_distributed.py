@@ -1,10 +1,13 @@
 """Two real `torchrun` CPU processes (gloo) give the loss and gradients of one process on the whole batch."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +25,16 @@ def test_two_ranks_with_spatial_negatives_equal_one_process_on_the_concatenated_
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(Path(worker.__file__)), str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # Its own session, so that a hang ends with every process of it killed and what they said.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {stderr[-2000:]}")
+    assert process.returncode == 0, stderr[-2000:]
     distributed = json.loads(out.read_text())
 
     model = worker.encoder()
