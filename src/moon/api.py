@@ -48,7 +48,7 @@ from moon.run import MODEL_STAGES, RunDir
 from moon.store.index import VectorIndex
 from moon.store.indexing import is_current, load_index
 from moon.store.versions import Store, StoreVersion, checkpoint_digest, table_digest
-from moon.vectors import prefix
+from moon.vectors import checked_dim, prefix
 
 # What `encode(images=...)` and `search(image=...)` take: a file path, encoded bytes, or a PIL image.
 ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
@@ -194,12 +194,7 @@ class MoonModel:
 
     def check_dim(self, dim: int | None) -> int:
         """`dim`, or the full width for None; refuses a dimension the model was not trained for."""
-        if dim is None:
-            return self.dim
-        if dim not in self.dims:
-            raise UserError(f"dim={dim!r} is not a dimension of this model: use one of {self.dims} "
-                            f"(Matryoshka prefixes and the full {self.dim}), or leave dim out for the full vector")
-        return dim
+        return checked_dim(dim, self.dims, "this model")
 
     def _view(self, view: str | None) -> str:
         if view is None:
@@ -393,13 +388,7 @@ def in_chunks(count: int, encode_chunk: Callable, kind: str, width: int, show_pr
 
 def version_dim(stored: StoreVersion, dim: int | None) -> int:
     """`dim`, or the version's full width for None; refuses a dimension the version does not serve."""
-    dims = sorted({*stored.matryoshka_dims, stored.dim})
-    if dim is None:
-        return stored.dim
-    if dim not in dims:
-        raise UserError(f"dim={dim!r} is not a dimension of store version {stored.name}: use one of {dims}, "
-                        "or leave dim out for its full width")
-    return dim
+    return checked_dim(dim, {*stored.matryoshka_dims, stored.dim}, f"store version {stored.name}")
 
 
 def query_vector(vector, dim: int, stored: StoreVersion) -> np.ndarray:

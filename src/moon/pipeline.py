@@ -21,7 +21,7 @@ from moon.ctr import evaluate as ctr_evaluate
 from moon.ctr import samples as ctr_samples
 from moon.ctr import train as ctr_train
 from moon.eval import retrieval
-from moon.io.tables import has_table, read_manifest
+from moon.io.tables import has_table, made_with, read_manifest
 from moon.pairs import build as pairs
 from moon.report import build_report, print_location
 from moon.represent import embed_catalogue
@@ -46,15 +46,12 @@ class Stage:
     report: Callable[[Path], None] | None = None  # prints what the stage made, after the demo
     current: Callable[[MoonConfig, Path], bool] | None = None  # overrides the manifest digest check
     options: tuple[str, ...] = ()  # keyword options of `pipeline.run` the stage takes (e.g. replace_ingested)
+    kept: Callable[[Path], str | None] | None = None  # why the run's outputs must stay, even with --fresh
 
     def is_current(self, config: MoonConfig, run_dir: Path) -> bool:
         if self.current is not None:
             return self.current(config, run_dir)
-        digest = config.digest(*self.sections)
-        return bool(self.outputs) and all(
-            has_table(run_dir, table) and read_manifest(run_dir, table).get("config_digest") == digest
-            for table in self.outputs
-        )
+        return made_with(run_dir, self.outputs, config.digest(*self.sections))
 
 
 # Embed and index write no fixed-name table with a config digest: store versions and their
@@ -99,8 +96,16 @@ def _stage2_indexed(config: MoonConfig, run_dir: Path) -> bool:
     return version is not None and index_is_current(run_dir, version)
 
 
+def _real_behaviour(run_dir: Path) -> str | None:
+    """A run whose log was ingested simulates nothing: its catalogue and log are the user's."""
+    if not has_real_log(run_dir):
+        return None
+    return (f"[bold]behaviour is real[/bold]: {run_dir}/events was ingested from "
+            f"{read_manifest(run_dir, 'events').get('source')}; nothing is simulated")
+
+
 SIMULATE = Stage("simulate", simulate, SIMULATE_SECTIONS, SIMULATE_OUTPUTS, print_summary,
-                 options=("replace_ingested",))
+                 options=("replace_ingested",), kept=_real_behaviour)
 DEMO: list[Stage] = [
     SIMULATE,
     Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report, current=pairs.is_current),
@@ -125,9 +130,9 @@ def run(stages: list[Stage], config: MoonConfig, run_dir: Path, fresh: bool = Fa
     """Runs each stage whose outputs are not current (every stage when `fresh`); `options`
     (e.g. replace_ingested=True) go to the stages that take them."""
     for stage in stages:
-        if stage is SIMULATE and has_real_log(run_dir):  # the catalogue and the log are the user's
-            ui.log(f"[bold]behaviour is real[/bold]: {run_dir}/events was ingested from "
-                   f"{read_manifest(run_dir, 'events').get('source')}; nothing is simulated")
+        reason = stage.kept(run_dir) if stage.kept else None
+        if reason:
+            ui.log(reason)
             continue
         if not fresh and stage.is_current(config, run_dir):
             ui.log(f"[dim]{stage.name}: outputs in {run_dir} are current, skipped[/dim]")

@@ -7,7 +7,11 @@ re-normalised: one stored vector serves every trained dimension.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
+
+from moon.errors import UserError
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -35,3 +39,15 @@ def prefix(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
         raise ValueError(f"{zero.size} vector(s) are zero in their first {x.shape[1]} dims (first: row {zero[0]}), "
                          "so they have no direction to compare")
     return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def checked_dim(dim: int | None, dims: Collection[int], of: str) -> int:
+    """`dim`, or the full width (the largest of `dims`) for None; refuses a dimension that `of` (a model,
+    a store version) does not serve, saying which it does."""
+    full = max(dims)
+    if dim is None:
+        return full
+    if dim not in dims:
+        raise UserError(f"dim={dim!r} is not a dimension of {of}: use one of {sorted(dims)}, "
+                        f"or leave dim out for its full {full}")
+    return dim

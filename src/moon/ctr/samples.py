@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from moon import ui
 from moon.config import MoonConfig
 from moon.io import schema
-from moon.io.tables import TableWriter, dataset, has_table, read_manifest
+from moon.io.tables import TableWriter, dataset, made_with, read_manifest
 from moon.pairs.log import MS_PER_DAY, check_split_days, log_digest
 from moon.queries import query_ids
 
@@ -37,9 +37,7 @@ BATCH_ROWS = 200_000
 
 def is_current(config: MoonConfig, run_dir: Path) -> bool:
     """Whether the samples were made from this config and this log (the pipeline's test)."""
-    digest = log_digest(config, run_dir, *SECTIONS)
-    return all(has_table(run_dir, name) and read_manifest(run_dir, name).get("config_digest") == digest
-               for name in OUTPUTS)
+    return made_with(run_dir, OUTPUTS, log_digest(config, run_dir, *SECTIONS))
 
 
 def build_samples(config: MoonConfig, run_dir: Path) -> dict:

@@ -106,24 +106,31 @@ def check_image(data: bytes, max_pixels: int) -> bytes:
     often has a perfectly valid header. Inside `pixel_limit` PIL's own guard usually
     fires first, while opening; the explicit check keeps the limit when called outside it.
     """
+    check_size(data, max_pixels)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return data if image.format in KEPT_FORMATS else _to_png(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("image_too_large", f"over ingest.max_image_pixels={max_pixels:,} (PIL: {exc})") from None
+    except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageError("corrupt_image", f"cannot decode image: {exc}") from None
+
+
+def check_size(data: bytes, max_pixels: int, limit: str = "ingest.max_image_pixels") -> None:
+    """Refuses (ImageError) an empty image, one whose header PIL cannot read, and one whose header
+    claims more than `max_pixels` (the config key `limit`), without decoding its pixels."""
     if not data:
         raise ImageError("missing_image", "image is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    "image_too_large",
-                    f"{width}x{height} = {width * height:,} pixels, over ingest.max_image_pixels={max_pixels:,}",
-                )
-            image.load()
-            return data if image.format in KEPT_FORMATS else _to_png(image)
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("image_too_large", f"over ingest.max_image_pixels={max_pixels:,} (PIL: {exc})") from None
-    except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
+        raise ImageError("image_too_large", f"over {limit}={max_pixels:,} (PIL: {exc})") from None
+    except Exception as exc:  # PIL raises many types for bytes that are not an image
         raise ImageError("corrupt_image", f"cannot decode image: {exc}") from None
+    if width * height > max_pixels:
+        raise ImageError("image_too_large", f"{width}x{height} = {width * height:,} pixels, over {limit}={max_pixels:,}")
 
 
 def _to_png(image: Image.Image) -> bytes:

@@ -69,10 +69,6 @@ class TableWriter:
             self.rows += pq.read_metadata(target).num_rows
             self.shards += 1
 
-    def shard_paths(self) -> list[Path]:
-        """The shards written (or carried) so far."""
-        return sorted(self.tmp.glob("part-*.parquet"))
-
     def commit(self, **manifest) -> Path:
         """Writes the manifest and swaps the finished table into place."""
         if self.shards == 0:  # an empty table still carries its schema
@@ -133,6 +129,12 @@ def read_manifest(run_dir: Path, name: str) -> dict:
 
 def has_table(run_dir: Path, name: str) -> bool:
     return RunDir(run_dir).has_table(name)
+
+
+def made_with(run_dir: Path, names: tuple[str, ...], digest: str) -> bool:
+    """Whether every table in `names` exists and its manifest carries `digest`: a stage's outputs are current."""
+    return bool(names) and all(has_table(run_dir, name) and read_manifest(run_dir, name).get("config_digest") == digest
+                               for name in names)
 
 
 def refuse_to_replace(run_dir: Path, name: str, stage: str, instead: str) -> None:

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 from moon import ui
 from moon.config import MoonConfig
 from moon.io import schema
-from moon.io.tables import TableWriter, has_table, read_manifest
+from moon.io.tables import TableWriter, made_with
 from moon.pairs.accounting import Accounting, Step
 from moon.pairs.duplicates import near_duplicate_groups
 from moon.pairs.eval_set import image_search_eval_set
@@ -109,9 +109,7 @@ def pairs_digest(config: MoonConfig, run_dir: Path) -> str:
 
 def is_current(config: MoonConfig, run_dir: Path) -> bool:
     """Whether every pair table was made from this config and this labelled set (the pipeline's test)."""
-    digest = pairs_digest(config, run_dir)
-    return all(has_table(run_dir, name) and read_manifest(run_dir, name).get("config_digest") == digest
-               for name in OUTPUTS)
+    return made_with(run_dir, OUTPUTS, pairs_digest(config, run_dir))
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from moon.errors import UserError
 from moon.store.index import VectorIndex
 from moon.store.indexing import built_from, load_index
 from moon.store.versions import ITEMS, StoreVersion
-from moon.vectors import prefix
+from moon.vectors import checked_dim, prefix
 
 CategoryPath = tuple[str, ...]  # an item's category path, root -> leaf
 
@@ -229,12 +229,7 @@ class ServingState:
         return item_id in self.added or item_id in self.stored
 
     def check_dim(self, dim: int | None) -> int:
-        if dim is None:
-            return self.dim
-        if dim not in self.dims:
-            raise UserError(f"dim={dim!r} is not a dimension of store version {self.version}: use one of "
-                            f"{list(self.dims)}, or leave dim out for its full {self.dim}")
-        return dim
+        return checked_dim(dim, self.dims, f"store version {self.version}")
 
     def vectors(self, ids: Sequence[str], dim: int) -> tuple[list[str], list[str], np.ndarray]:
         """(found, missing, vectors of found at `dim`): the stored representation, items added through

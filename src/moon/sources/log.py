@@ -442,7 +442,7 @@ def _write(run_dir: Path, rows: list[dict], rejects: list[dict], source: Path, f
         for start in range(0, len(rows), config.ingest.shard_rows):
             writer.write(pa.Table.from_pylist(rows[start:start + config.ingest.shard_rows], schema=EVENTS))
         atomic_parquet(pa.concat_tables([old_rejects, new_rejects]), run.log_rejects)
-        first, last = _period(writer, before)
+        first, last = _period(rows, before)
         parts = [*before.get("parts", []), {"source": str(source), "format": fmt, "kept": len(rows),
                                             "rejected": len(rejects)}]
         writer.commit(stage="ingest-log", simulated=False, behaviour="real", source=str(source), format=fmt,
@@ -451,11 +451,14 @@ def _write(run_dir: Path, rows: list[dict], rejects: list[dict], source: Path, f
     return writer.rows
 
 
-def _period(writer: TableWriter, before: dict) -> tuple[dt.date, dt.date]:
-    """The first and last UTC day of the whole log (earlier parts included)."""
-    bounds = pc.min_max(pa.concat_arrays([chunk for path in writer.shard_paths()
-                                          for chunk in pq.read_table(path, columns=["ts"])["ts"].chunks]))
-    return bounds["min"].as_py().date(), bounds["max"].as_py().date()
+def _period(rows: list[dict], before: dict) -> tuple[dt.date, dt.date]:
+    """The first and last UTC day of the whole log: this part's rows (in time order) and the period
+    the earlier parts' manifest records."""
+    first, last = rows[0]["ts"].date(), rows[-1]["ts"].date()
+    if before:
+        start = dt.date.fromisoformat(before["period_start"])
+        first, last = min(first, start), max(last, start + dt.timedelta(days=before["days"] - 1))
+    return first, last
 
 
 def _nothing_kept(source: Path, rejects: list[dict], path: Path) -> UserError:
