@@ -129,7 +129,7 @@ def test_text_query_naming_colour_and_category_ranks_its_item_first(hand_items, 
     assert int(np.argmax(scores)) == expected, (query, scores.round(3))
 
 
-def test_user_photos_retrieve_their_item(world):
+def test_user_photos_retrieve_their_item_above_chance_but_not_always(world):
     items, photos, embedder = world
     catalogue = embedder.encode_items(items, "image")
     top = np.argsort(-(embedder.encode_images(photos) @ catalogue.T), axis=1, kind="stable")[:, :10]
@@ -141,7 +141,9 @@ def test_user_photos_retrieve_their_item(world):
     # Chance: the share of random top-10 lists holding at least one right item.
     n, answers = len(spu), right.sum(axis=1)
     chance = np.mean([1 - np.prod((n - a - np.arange(10)) / (n - np.arange(10))) for a in answers])
-    assert recall >= 0.93 and recall >= 5 * chance, (recall, chance)
+    # Well above chance, yet far from solved: shoppers' photos are calibrated to be as hard for this
+    # colour/texture descriptor as real shop photos (when they were not, it found 93% of them).
+    assert 2 * chance <= recall <= 0.7, (recall, chance)
 
 
 def test_text_and_image_together_beat_either_alone(world):

@@ -175,7 +175,7 @@ def test_user_photo_is_a_reproducible_jpeg():
     assert decode_image(a).size == (96, 96)
 
 
-def test_user_photos_differ_from_the_catalogue_but_find_their_product():
+def test_user_photos_show_their_product_but_colour_alone_does_not_name_it():
     rng = np.random.default_rng(11)
     catalogue = [draw_item(random_look(rng, i), 96) for i in range(40)]
     photos = [decode_image(user_photo(image, rng, 96)) for image in catalogue]
@@ -184,10 +184,12 @@ def test_user_photos_differ_from_the_catalogue_but_find_their_product():
     assert min(distance) > 10 and np.mean(distance) > 40
 
     centre = np.exp(-((np.arange(32) + 0.5) / 32 - 0.5) ** 2 / (2 * 0.25**2))
-    centre = centre[:, None] * centre[None, :]  # the product is near the middle of a photo
+    centre = centre[:, None] * centre[None, :]  # the product is somewhere near the middle of a photo
     index = np.stack([hue_histogram(c, product_mask(c.resize((32, 32), Image.BILINEAR))) for c in catalogue])
     hits = sum(int(np.argmax(index @ hue_histogram(p, centre))) == i for i, p in enumerate(photos))
-    assert hits / len(photos) >= 0.5  # chance is 1/40
+    # Chance is 1/40. Real shop photos defeat a colour histogram most of the time; when the product
+    # filled a centred frame under mild light, it named the item in 1 photo of 2.
+    assert 0.1 <= hits / len(photos) < 0.5
 
 
 def test_user_photo_of_a_real_product_photo():
@@ -199,14 +201,19 @@ def test_user_photo_of_a_real_product_photo():
     photo.save(buffer, format="JPEG", quality=75)
     real = decode_image(buffer.getvalue())
 
-    for seed in range(5):
+    shares = []
+    for seed in range(10):
         shot = decode_image(user_photo(real, np.random.default_rng(seed), 72))
         assert shot.size == (72, 72)
         a = pixels(shot)
-        red = (a[..., 0] > a[..., 1] + 60) & (a[..., 0] > a[..., 2] + 50)
-        assert 0.15 < red.mean() < 0.8, f"the red shirt covers {red.mean():.0%} of the photo"
+        hsv = np.asarray(shot.convert("HSV"), dtype=np.int32)  # red by hue: exposure and white balance vary
+        red = ((hsv[..., 0] < 14) | (hsv[..., 0] > 241)) & (hsv[..., 1] > 110) & (hsv[..., 2] > 50)
+        assert 0.01 < red.mean() < 0.4, f"the red shirt covers {red.mean():.0%} of the photo"
+        shares.append(red.mean())
         border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
         assert np.abs(border - 255).max(axis=1).mean() > 20  # a scene, not the white studio background
+    # A shopper's product takes a third to two thirds of the frame's side, not the whole frame.
+    assert np.mean(shares) < 0.25
 
 
 def test_occlusion_covers_at_most_a_quarter_of_the_product():

@@ -236,6 +236,18 @@ def eval_retrieval(config: MoonConfig, run_dir: Path):
     ui.log(f"results -> {RunDir(run_dir).retrieval_results}")
 
 
+@evaluate.command("world")
+@stage_command
+def eval_world(config: MoonConfig, run_dir: Path):
+    """How hard the world is, without a trained model: the baseline on shopper photos among 81 items
+    beside real shop photos, and the click ceilings on the simulator's truth (after `moon pairs`)."""
+    from moon.eval.world import evaluate as run_eval
+    from moon.eval.world import print_results
+
+    print_results(run_eval(config, run_dir))
+    ui.log(f"results -> {RunDir(run_dir).world_results}")
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on; any other than loopback "
               "needs MOON_ADMIN_KEY (or --no-admin)")

@@ -20,7 +20,7 @@ from moon.config import MoonConfig
 from moon.ctr import evaluate as ctr_evaluate
 from moon.ctr import samples as ctr_samples
 from moon.ctr import train as ctr_train
-from moon.eval import retrieval
+from moon.eval import retrieval, world
 from moon.io.tables import has_table, made_with, read_manifest
 from moon.pairs import build as pairs
 from moon.report import build_report, print_location
@@ -109,6 +109,7 @@ SIMULATE = Stage("simulate", simulate, SIMULATE_SECTIONS, SIMULATE_OUTPUTS, prin
 DEMO: list[Stage] = [
     SIMULATE,
     Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report, current=pairs.is_current),
+    Stage("eval world", world.evaluate, (), (), world.print_saved, current=world.is_current),
     Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",)),
     Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",),
           current=partial(posttrain.is_current, stage=1)),

@@ -6,6 +6,7 @@ strings of its own:
 
     runs/<name>/
       items/ events/ users/ item_truth/       tables of a source (simulate, ingest)
+      query_truth/ impression_truth/          the simulator's truth of each query and impression
       rejects.parquet                          catalogue rows `moon ingest` could not use
       log_rejects.parquet                      behaviour-log rows `moon ingest-log` could not use
       labelled_queries/                        a labelled query set a user brought in (moon ingest-queries)
@@ -20,6 +21,7 @@ strings of its own:
       ctr_samples/ ctr_behaviour/ ctr_queries/ tables of `moon ctr build`
       ctr/<label>-<digest>/seed-<s>/           a trained CTR model, its result and test predictions
       eval/retrieval.json                      recall of every model
+      eval/world.json                          photo difficulty and click ceilings of the world
       eval/ctr.json                            CTR metrics, lifts and segments of every CTR model
       eval/predictions/<model>.parquet         each image-search query's top results
       report/report.html, report/metrics.json  the run's report
@@ -120,6 +122,10 @@ class RunDir:
     @property
     def retrieval_results(self) -> Path:
         return self.eval / "retrieval.json"
+
+    @property
+    def world_results(self) -> Path:
+        return self.eval / "world.json"
 
     @property
     def ctr_results(self) -> Path:

@@ -1,7 +1,8 @@
 """`moon eval retrieval`: retrieval recall of every model of a run (docs/metrics.md).
 
 The held-out user photos of `eval_image_search` search the whole catalogue (image-based
-search, the guiding metric). Beside it, two more query sets from the test split of the
+search, the guiding metric); the photos whose session bought the item are reported again
+as the purchase subset. Beside it, two more query sets from the test split of the
 pair tables: text queries, each with every item its session engaged with after it (text
 search), and items as queries, each with the items its session engaged with after it
 (item -> item, the query item left out of its own ranking). When the run holds a labelled
@@ -13,6 +14,10 @@ pretrained model, and the stage-1 and stage-2 embedders, at every Matryoshka dim
 plus, for image search, a hard set where each query's distractors are only the items of
 its target's leaf category. Each model is scored on items in the view it serves, and its
 catalogue vectors come from a store version it made when one holds every item.
+
+Every model but the baseline also gets its paired difference from the baseline on each
+query set (`vs_baseline`: per K, the mean of the per-query differences of hits, with a 95%
+bootstrap interval over the queries), which is what "beats the baseline" means here.
 
 Results go to `eval/retrieval.json`; what each model found for each image-search query
 (its top `PREDICTED_K` item ids and scores) goes to `eval/predictions/<model>.parquet`,
@@ -54,6 +59,9 @@ from moon.vectors import prefix
 from moon.views import SERVED_VIEW
 
 HARD_K = 10
+IMAGE_SEARCH = "image_search"  # the key of the whole photo set's per-query hits
+PURCHASED = "purchase_subset"  # the photos whose session bought the item
+REFERENCE = "baseline"  # every model's paired difference is read against the non-learned baseline
 PREDICTED_K = 10  # results saved per image-search query and model
 PAIR_TABLES = ("pairs_stage1", "pairs_stage2")  # where held-out text and item queries come from
 LABELLED_TABLE = "labelled_queries"
@@ -95,6 +103,7 @@ class QuerySets:
     photo_query_ids: pa.ChunkedArray  # eval_image_search's query ids
     photos: list[bytes]
     relevant: list  # catalogue rows that are a hit, per photo
+    bought: np.ndarray  # bool per photo: its session bought the item (the purchase subset)
     leaves: np.ndarray  # leaf of each catalogue row
     texts: HeldOut
     text_relevant: list
@@ -120,6 +129,7 @@ class QuerySets:
         return cls(
             items=items, views=ItemViews(items), photo_query_ids=queries["query_id"],
             photos=queries["query_image"].to_pylist(),
+            bought=pc.equal(queries["action"], "purchase").to_numpy(zero_copy_only=False),
             relevant=relevant_items(queries["item_id"], queries["spu_id"], *catalogue, spu_hit=spu_hit),
             leaves=np.array([path[-1] for path in items["category"].to_pylist()], dtype=object),
             texts=texts, text_relevant=relevant_sets(texts.targets, *catalogue, spu_hit=spu_hit),
@@ -131,36 +141,45 @@ class QuerySets:
             labelled_text_relevant=relevant_sets(labelled["query_text"].targets, *catalogue, spu_hit=spu_hit),
         )
 
-    def score(self, vectors: Vectors, config: MoonConfig) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
-        """(report, image-search top results) of one model's vectors on every query set."""
+    def score(self, vectors: Vectors, config: MoonConfig) -> tuple[dict, tuple[np.ndarray, np.ndarray], dict]:
+        """(report, image-search top results, per-query hits at the full dimension of each query set)
+        of one model's vectors on every query set."""
         scored = {"ks": config.eval.ks, "seed": config.seed}
         image_search = retrieval_recall(vectors.photos, vectors.items, self.relevant, dims=vectors.dims, **scored)
         report = image_search.to_dict()
+        hits = {IMAGE_SEARCH: _full_hits(image_search)}
         report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, self.relevant, self.leaves,
                                                     config.seed)
-        if len(self.texts):
-            report["text_search"] = retrieval_recall(vectors.texts, vectors.items, self.text_relevant,
-                                                     dims=vectors.dims, **scored).to_dict()
-        if len(self.pairs):
-            report["item_to_item"] = retrieval_recall(vectors.items[self.own_rows], vectors.items, self.item_relevant,
-                                                      dims=vectors.dims, exclude=self.own_rows, **scored).to_dict()
-        labelled = (("labelled_image_search", self.labelled_photos, vectors.labelled_photos, self.labelled_photo_relevant),
-                    ("labelled_text_search", self.labelled_texts, vectors.labelled_texts, self.labelled_text_relevant))
-        for key, held, queries, relevant in labelled:
+        if self.bought.any():
+            subset = retrieval_recall(vectors.photos[self.bought], vectors.items,
+                                      [r for r, b in zip(self.relevant, self.bought) if b], **scored)
+            report[PURCHASED] = subset.to_dict()
+        searches = [("text_search", self.texts, vectors.texts, self.text_relevant, None),
+                    ("item_to_item", self.pairs, vectors.items[self.own_rows], self.item_relevant, self.own_rows),
+                    ("labelled_image_search", self.labelled_photos, vectors.labelled_photos,
+                     self.labelled_photo_relevant, None),
+                    ("labelled_text_search", self.labelled_texts, vectors.labelled_texts,
+                     self.labelled_text_relevant, None)]
+        for key, held, queries, relevant, exclude in searches:
             if len(held) and queries is not None:
-                report[key] = retrieval_recall(queries, vectors.items, relevant, dims=vectors.dims, **scored).to_dict()
-        return report, image_search.top
+                result = retrieval_recall(queries, vectors.items, relevant, dims=vectors.dims, exclude=exclude,
+                                          **scored)
+                report[key], hits[key] = result.to_dict(), _full_hits(result)
+        return report, image_search.top, hits
 
 
 def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | None = None) -> dict:
     """Measures every model of the run (and `extra_models`, label -> directory); writes eval/retrieval.json."""
     sets = QuerySets.load(config, run_dir)
     run = RunDir(run_dir)
-    results = {}
+    results, hits = {}, {}
     for label, vectors in _models(config, run_dir, sets, extra_models):
         ui.log(f"evaluating {label}")
-        results[label], top = sets.score(vectors, config)
+        results[label], top, hits[label] = sets.score(vectors, config)
         save_predictions(run.predictions(label), sets.photo_query_ids, top, vectors, sets.views.item_ids)
+    for label in results:
+        if label != REFERENCE:
+            results[label]["vs_baseline"] = paired_differences(hits[label], hits[REFERENCE], config.seed)
     run.eval.mkdir(parents=True, exist_ok=True)
     atomic_json(run.retrieval_results, {"item_view": config.model.served_view, "spu_hit": config.eval.spu_hit,
                                         "models": results})
@@ -191,6 +210,26 @@ def evaluate_versions(config: MoonConfig, run_dir: Path, versions: Sequence[str]
         ui.log(f"evaluating store version {name}")
         results[name] = sets.score(vectors, config)[0]
     return results
+
+
+def _full_hits(report) -> dict[int, np.ndarray]:
+    """k -> per-query hits at the report's full dimension."""
+    return report.hits[max(report.hits)]
+
+
+def paired_differences(model: dict, reference: dict, seed: int) -> dict:
+    """Per query set and K: the model's recall minus the reference's on the same queries, with a
+    95% bootstrap interval over the queries (a paired comparison: both ranked the same queries)."""
+    out = {}
+    for key, by_k in model.items():
+        if key not in reference:
+            continue
+        out[key] = {}
+        for k, hits in by_k.items():
+            difference = hits.astype(np.float64) - reference[key][k]
+            out[key][f"recall@{k}"] = {"delta": float(difference.mean()), "ci95": list(bootstrap_ci(difference, seed)),
+                                       "queries": len(difference)}
+    return out
 
 
 def save_predictions(path: Path, query_ids: pa.ChunkedArray, top: tuple[np.ndarray, np.ndarray], vectors: Vectors,
@@ -340,8 +379,29 @@ def print_results(results: dict) -> None:
         per_dim = " / ".join(f"{dims[d][f'recall@{k}']['value']:.3f}" for d in sorted(dims, key=int))
         rows.append((label, *_summary(full), report["hard_same_leaf"][f"recall@{HARD_K}"]["value"], per_dim))
         columns = ("model", *_summary_columns(full), f"R@{HARD_K} same-leaf", f"R@{k} per dim")
-    ui.print_table("image-based search recall (user photo -> purchased item, whole catalogue)", rows, columns)
+    queries = next(iter(results.values()))["queries"]
+    ui.print_table(f"image-based search recall ({queries:,} user photos -> the item photographed, whole catalogue)",
+                   rows, columns)
     _print_other_groups(results)
+    _print_paired(results)
+
+
+def _print_paired(results: dict) -> None:
+    """Each model's recall@10 minus the baseline's on the same queries, with its 95% interval."""
+    keys = [(IMAGE_SEARCH, "photo"), *OTHER_GROUPS]
+    rows = []
+    for label, report in results.items():
+        paired = report.get("vs_baseline", {})
+        cells = []
+        for key, _ in keys:
+            entry = paired.get(key, {}).get(f"recall@{HARD_K}")
+            cells.append("-" if entry is None else
+                         f"{entry['delta']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]")
+        if paired:
+            rows.append((label, *cells))
+    if rows:
+        ui.print_table(f"R@{HARD_K} minus the baseline's on the same queries (paired, 95% CI), full dimension", rows,
+                       ("model", *(name for _, name in keys)))
 
 
 OTHER_GROUPS = (("text_search", "text"), ("item_to_item", "item->item"),

@@ -79,6 +79,23 @@ QUERY_TRUTH = pa.schema(
     ]
 )
 
+# What the click model knew of each simulated impression (ground truth, never model input):
+# the terms of its click probability, for the ceilings of `moon eval world` and `moon ctr eval`.
+IMPRESSION_TRUTH = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),  # the search (session) that showed the item
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+        pa.field("day", pa.int16(), nullable=False),  # days since the log's first day
+        pa.field("relevance", pa.float32(), nullable=False),  # to the query, in [0, 1]
+        pa.field("fit", pa.float32(), nullable=False),  # to the shopper's taste, hidden facts included
+        pa.field("appeal", pa.float32(), nullable=False),  # the item's, visible part and hidden part
+        pa.field("finish", pa.float32(), nullable=False),  # the visible part of appeal (drawn in the image)
+        pa.field("probability", pa.float32(), nullable=False),  # of a click: examination x attraction
+        pa.field("clicked", pa.bool_(), nullable=False),
+    ]
+)
+
 # MOON's item views and the nine stage-1 query->item tasks (DESIGN.md section 1).
 ITEM_VIEWS = ("richer-text", "image", "title+image", "richer-text+image")
 TASKS = (
@@ -121,8 +138,9 @@ EVAL_IMAGE_SEARCH = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),  # the search session
         pa.field("query_image", pa.binary(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),  # the purchased item
+        pa.field("item_id", pa.string(), nullable=False),  # the item photographed (or engaged with most)
         pa.field("spu_id", pa.string(), nullable=False),
+        pa.field("action", pa.string(), nullable=False),  # the session's strongest action on it, or "none"
         pa.field("ts", TIMESTAMP, nullable=False),
         pa.field("region", pa.string(), nullable=False),
         pa.field("user_id", pa.string(), nullable=False),
@@ -227,6 +245,7 @@ TABLES = {
     "users": USERS,
     "item_truth": ITEM_TRUTH,
     "query_truth": QUERY_TRUTH,
+    "impression_truth": IMPRESSION_TRUTH,
     "rejects": REJECTS,
     "pairs_stage1": PAIRS,
     "pairs_stage2": PAIRS,

@@ -22,7 +22,8 @@
    NER filter (query text and item title need `min_entities` entities), and hard
    negatives (same leaf, other SPU; plus embedder-mined top-k neighbours that are not the
    positive's SPU or near-duplicate group and not anything the session interacted with).
-4. `eval_image_search`: every (user photo, purchased item) of the test days.
+4. `eval_image_search`: every user photo searched on the test days, with the item
+   photographed (or the session's strongest engagement); `eval_set.py`.
 
 Every step records what it kept and dropped, and why, in `pairs_stats.json`. The tables'
 digest covers the config and the labelled set, so they are made again when either changes.
@@ -91,7 +92,7 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
         _write_pairs(run_dir, "pairs_stage2", stage2, common, accounting)
         clock.lap("stage 2")
 
-        evaluation = image_search_eval_set(log, catalogue, accounting)
+        evaluation = image_search_eval_set(log, catalogue, settings, run_dir, accounting)
         _write(run_dir, "eval_image_search", evaluation, common, rows_as="queries")
         clock.lap("evaluation set")
     accounting.totals["seconds"] = clock.laps

@@ -1,36 +1,98 @@
-"""The image-search evaluation set: every (user photo, purchased item) of the test days."""
+"""The image-search evaluation set: every shopper photo searched on the test days, with its item.
+
+Photo queries are drawn as the log draws them, so the set is every test-day session that
+searched with a photo, not only those that ended in a purchase. A photo's item is the one
+photographed where the log knows it (a simulated log's `query_truth`), else the item the
+session engaged with most strongly (purchase, then cart, then click; the first of equals); a
+photo whose session engaged with nothing and whose item is unknown has no answer and is
+left out (counted). `action` is the session's strongest action on that item ("none" if it
+did not engage with it): the photos whose item was bought (`action == "purchase"`) are the
+purchase subset that `moon eval retrieval` reports beside the whole set.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
+from moon.config import PairsConfig
 from moon.io import schema
+from moon.io.tables import dataset, has_table, read_table
+from moon.pairs.log import ACTION_RANK, MS_PER_DAY, first_photo_rows
+from moon.queries import query_id
 
-TEST = {"split": "test"}
-TEST_PHOTO = {**TEST, "image_query": True}
-CHOSEN = {**TEST_PHOTO, "action": "purchase"}
+TEST_PHOTO = {"split": "test", "image_query": True}
+PHOTO_COLUMNS = ["session_id", "ts", "region", "user_id", "query_image"]
 
 
-def image_search_eval_set(log, catalogue, accounting) -> Iterator[pa.Table]:
-    """Every (user photo, purchased item) of the test days, in time order: the input of image-based search recall."""
-    test, photo, chosen = log.count(TEST), log.count(TEST_PHOTO), log.count(CHOSEN)
+def image_search_eval_set(log, catalogue, settings: PairsConfig, run_dir: Path, accounting) -> Iterator[pa.Table]:
+    """The test days' photo queries with their items, in time order: the input of image-based search recall."""
+    engaged = _engaged(log)
+    photos = _test_photos(run_dir, log.period_start_ms + (log.days - settings.test_days) * MS_PER_DAY)
+    truth = _photographed(run_dir)
+    queries = [query_id(None, photo) for photo in photos["query_image"].to_pylist()]
+    sessions = photos["session_id"].to_pylist()
+    targets = [truth.get(q) or engaged.get(s, {}).get("best") for q, s in zip(queries, sessions)]
+    actions = [engaged.get(s, {}).get(t, "none") for s, t in zip(sessions, targets)]
+    known = np.array([t is not None for t in targets], dtype=bool)
     accounting.record(
-        "evaluation", "test days: photo query + purchase", test, chosen,
-        **{"text query": test - photo, "photo query, no purchase": photo - chosen},
+        "evaluation", "test days: photo query with its item", photos.num_rows, int(known.sum()),
+        **{"no item known (nothing engaged, no truth)": int((~known).sum())},
     )
-    for part in log.scan(["session_id", "photo", "item_id", "ts", "region", "user_id"], CHOSEN):
-        spu = catalogue.spu[catalogue.codes(part["item_id"])].tolist()
-        yield pa.table(
-            {
-                "query_id": part["session_id"],
-                "query_image": part["photo"],
-                "item_id": part["item_id"],
-                "spu_id": pa.array(spu, pa.string()),
-                "ts": part["ts"],
-                "region": part["region"],
-                "user_id": part["user_id"],
-            },
-            schema=schema.EVAL_IMAGE_SEARCH,
-        )
+    accounting.totals["evaluation subsets"] = {
+        "item bought": sum(a == "purchase" for a in actions),
+        "item known from the simulator's truth": sum(q in truth for q in queries),
+    }
+    rows = np.flatnonzero(known)
+    if not len(rows):
+        return
+    items = pa.array([targets[i] for i in rows], pa.string())
+    photos = photos.take(rows)
+    yield pa.table(
+        {
+            "query_id": photos["session_id"],
+            "query_image": photos["query_image"],
+            "item_id": items,
+            "spu_id": pa.array(catalogue.spu[catalogue.codes(items)].tolist(), pa.string()),
+            "action": pa.array([actions[i] for i in rows], pa.string()),
+            "ts": photos["ts"],
+            "region": photos["region"],
+            "user_id": photos["user_id"],
+        },
+        schema=schema.EVAL_IMAGE_SEARCH,
+    )
+
+
+def _engaged(log) -> dict[str, dict[str, str]]:
+    """Per test-day photo session: its items (in time order) with the strongest action on each, and
+    under "best" the first item of its strongest action."""
+    sessions: dict[str, dict[str, str]] = {}
+    for part in log.scan(["session_id", "item_id", "action"], TEST_PHOTO):
+        for session, item, action in zip(*(part[c].to_pylist() for c in ("session_id", "item_id", "action"))):
+            sessions.setdefault(session, {})[item] = action
+    for actions in sessions.values():
+        actions["best"] = max(actions, key=lambda item: ACTION_RANK[actions[item]])
+    return sessions
+
+
+def _test_photos(run_dir: Path, test_from_ms: int) -> pa.Table:
+    """The first event of each session that searched with a photo from `test_from_ms` on, in time order."""
+    events = dataset(run_dir, "events")
+    wanted = (ds.field("ts") >= pa.scalar(test_from_ms, schema.TIMESTAMP)) & ds.field("query_image").is_valid()
+    rows = events.to_table(columns=PHOTO_COLUMNS, filter=wanted)
+    first = first_photo_rows(rows, "query_image")
+    rows = rows.take(first["row"])
+    return rows.take(pc.sort_indices(rows, [("ts", "ascending"), ("session_id", "ascending")]))
+
+
+def _photographed(run_dir: Path) -> dict[str, str]:
+    """query id -> the item a simulated shopper photographed; empty for a real log."""
+    if not has_table(run_dir, "query_truth"):
+        return {}
+    truth = read_table(run_dir, "query_truth", ["query_id", "item_id"])
+    return dict(zip(truth["query_id"].to_pylist(), truth["item_id"].to_pylist()))

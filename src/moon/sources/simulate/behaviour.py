@@ -3,10 +3,18 @@
 A session is one query (text, or a user photo of a product the shopper has in mind),
 the engine's ranked impressions, then clicks, carts and purchases. Clicks follow a
 position-based model: the chance of examining rank p decays with p, and the chance of
-clicking an examined item grows with its relevance to the query *and* with how well
-it fits the user's taste — visual style, favourite colours and brands, price band.
-Visual style is visible only in images, so content that item IDs cannot see carries
-real signal. Items exist only from their launch time on (new items: cold start).
+clicking an examined item is
+
+    σ(click_bias + relevance_weight·relevance + taste_weight·fit + appeal_weight·appeal)
+
+with relevance to the query; fit, how well the item suits this shopper (visual style,
+favourite colours and brands, price band, and hidden facts no image or text shows); and
+appeal, how much everyone likes the item: part seen in its image (its finish), part hidden
+(only its clicks reveal it, so a warm item's ID learns it and a new item cannot). Visual
+style and finish are visible only in images, so content that item IDs cannot see carries
+real signal. Items exist only from their launch time on (new items: cold start). What the
+click model knew of every impression goes to `impression_truth`, for the ceilings that
+`moon eval world` and `moon ctr eval` print.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from moon.sources.simulate.vocab import REGIONS
 
 FAVOURITES = 3  # colours and brands a user favours
 FAVOURITE_LEAVES = 5
+OTHER_PRODUCTS = (0.4, 0.35, 0.25)  # chance of 0, 1 and 2 other products in a shopper's photo
+HIDDEN_TASTE_WEIGHT = 0.3  # fit from facts no image or text shows, per unit of their dot product
 POOL = 40  # items a shopper has in mind when forming a query
 CANDIDATES = 150  # items the engine scores per query
 
@@ -36,6 +46,7 @@ class Users:
     region: np.ndarray  # int: index into region_names
     region_names: list[str]
     style: np.ndarray  # float32 (u, d): preferred visual style
+    hidden_taste: np.ndarray  # float32 (u, k): what the shopper likes in the items' hidden facts
     colours: np.ndarray  # int (u, FAVOURITES), -1 where the market has too few colours
     brands: np.ndarray  # int (u, FAVOURITES)
     price_band: np.ndarray  # int8
@@ -65,10 +76,11 @@ def make_users(market: Market, config: BehaviourConfig, seed: int) -> Users:
         region=region,
         region_names=REGIONS[: config.regions],
         style=rng.uniform(-1, 1, (n, market.style.shape[1])).astype(np.float32),
+        hidden_taste=rng.standard_normal((n, market.hidden_taste.shape[1])).astype(np.float32),
         colours=_favourites(rng, n, len(market.colour_words)),
         brands=np.stack([rng.choice(len(brand_share), FAVOURITES, p=brand_share / brand_share.sum()) for _ in range(n)]),
         price_band=rng.integers(0, 4, n).astype(np.int8),
-        activity=rng.lognormal(0, 0.5, n).astype(np.float32),
+        activity=rng.lognormal(0, config.activity_spread, n).astype(np.float32),
         leaves=leaves,
         leaf_weights=rng.dirichlet(np.ones(k), n),
         region_leaf_popularity=popularity,
@@ -101,14 +113,23 @@ def users_table(users: Users, market: Market) -> pa.Table:
 
 
 def taste(market: Market, users: Users, u: int, items: np.ndarray) -> np.ndarray:
-    """How well items fit user u, roughly centred on 0: style closeness, colour, brand, price."""
+    """How well items fit user u, roughly centred on 0: style closeness, colour, brand, price,
+    and the hidden facts."""
     distance = np.linalg.norm(market.style[items] - users.style[u], axis=1) / np.sqrt(market.style.shape[1])
     score = 0.6 - distance
+    hidden = market.hidden_taste[items]
+    score += HIDDEN_TASTE_WEIGHT * (hidden @ users.hidden_taste[u]) / np.sqrt(hidden.shape[1])
     score += 0.5 * np.isin(market.colour[items], users.colours[u][users.colours[u] >= 0])
     score += 0.4 * np.isin(market.brand[items], users.brands[u])
     band = market.price_band[items]
     score -= np.where(band >= 0, 0.25 * np.abs(band - users.price_band[u]), 0.0)
     return score - 0.25
+
+
+def appeal(market: Market, items: np.ndarray, visible_share: float) -> np.ndarray:
+    """How much everyone likes items, with a spread of about 0.58: the share `visible_share` of
+    its variance from the finish seen in the image, the rest hidden."""
+    return np.sqrt(visible_share) * market.finish[items] + np.sqrt(1 - visible_share) * market.hidden_appeal[items]
 
 
 def _sigmoid(x):
@@ -157,22 +178,25 @@ class Sessions:
     def available(self, leaf: int, ts: int) -> np.ndarray:
         return self.by_leaf[leaf][: np.searchsorted(self.launch[leaf], ts, side="right")]
 
-    def day(self, day: int, advance=lambda n=1: None) -> tuple[pa.Table, pa.Table]:
-        """One day of the log: its events, and what each session's query was about (`QUERY_TRUTH`
-        rows, one per session: a query searched in several sessions repeats)."""
+    def day(self, day: int, advance=lambda n=1: None) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """One day of the log: its events, what each session's query was about (`QUERY_TRUTH`
+        rows, one per session: a query searched in several sessions repeats), and what the
+        click model knew of each impression (`IMPRESSION_TRUTH`)."""
         rng = np.random.default_rng([self.seed, 7, day])
         rows: dict[str, list] = {name: [] for name in schema.EVENTS.names}
         truths: dict[str, list] = {name: [] for name in schema.QUERY_TRUTH.names}
+        shown: list[dict] = []
         for u in range(len(self.users)):
             count = self.session_counts[u, day]
             times = np.sort(self.start + day * SECONDS_PER_DAY + rng.integers(0, SECONDS_PER_DAY - 3600, count))
             for k, ts in enumerate(times):
-                self._session(u, int(ts), f"{self.users.ids[u]}-d{day:03d}-{k}", rng, rows, truths)
+                self._session(u, int(ts), f"{self.users.ids[u]}-d{day:03d}-{k}", rng, rows, truths, shown)
                 advance()
         rows["ts"] = np.array(rows["ts"], dtype="datetime64[s]").astype("datetime64[ms]")
-        return pa.table(rows, schema=schema.EVENTS), pa.table(truths, schema=schema.QUERY_TRUTH)
+        return (pa.table(rows, schema=schema.EVENTS), pa.table(truths, schema=schema.QUERY_TRUTH),
+                _impression_truth(shown, day, self.market.item_ids))
 
-    def _session(self, u: int, ts: int, session_id: str, rng, rows: dict, truths: dict) -> None:
+    def _session(self, u: int, ts: int, session_id: str, rng, rows: dict, truths: dict, shown_log: list) -> None:
         query = self._query(u, ts, rng)
         if query is None:
             return
@@ -180,15 +204,18 @@ class Sessions:
         candidates = self._candidates(query, ts, rng)
         relevance = self._relevance(query, candidates)
         fresh = (ts - self.market.created_at[candidates]) < 7 * SECONDS_PER_DAY  # engines boost new items
-        score = relevance + 0.1 * fresh + self.config.ranker_noise * 0.35 * rng.standard_normal(len(candidates))
+        score = relevance + self.config.new_item_boost * fresh + self.config.ranker_noise * 0.35 * rng.standard_normal(len(candidates))
         top = np.argsort(-score, kind="stable")[: self.config.results_per_query]
         shown, relevance = candidates[top], relevance[top]
         fit = taste(self.market, self.users, u, shown)
+        liked = appeal(self.market, shown, self.config.appeal_visible_share)
         examined = self.config.position_decay ** np.arange(len(shown))
-        attraction = _sigmoid(
-            self.config.click_bias + self.config.relevance_weight * relevance + self.config.taste_weight * fit
-        )
+        c = self.config
+        attraction = _sigmoid(c.click_bias + c.relevance_weight * relevance + c.taste_weight * fit + c.appeal_weight * liked)
         clicked = rng.random(len(shown)) < examined * attraction
+        shown_log.append({"request_id": session_id, "item": shown, "relevance": relevance, "fit": fit,
+                          "appeal": liked, "finish": self.market.finish[shown], "probability": examined * attraction,
+                          "clicked": clicked})
         carted = clicked & (rng.random(len(shown)) < _sigmoid(_logit(self.config.cart_rate) + fit + relevance - 0.5))
         bought = carted & (rng.random(len(shown)) < _sigmoid(_logit(self.config.purchase_rate) + fit))
         user_id, region = self.users.ids[u], self.users.region_names[self.users.region[u]]
@@ -238,9 +265,18 @@ class Sessions:
         weight = np.exp(2.0 * taste(market, users, u, pool))
         intent = int(pool[rng.choice(len(pool), p=weight / weight.sum())])
         if rng.random() < self.config.image_query_share:
-            photo = user_photo(market.image(intent), rng, self.config.photo_size)
+            others = [market.image(int(i)) for i in self._around(available, intent, rng)]
+            photo = user_photo(market.image(intent), rng, self.config.photo_size, others)
             return Query(leaf=leaf, intent=intent, photo=photo)
         return self._text_query(leaf, intent, rng)
+
+    def _around(self, same_leaf: np.ndarray, intent: int, rng) -> np.ndarray:
+        """Other products in the shopper's photo: none, one or two, half of them of its leaf
+        (a shop's shelf, a wardrobe), the rest anything."""
+        count = int(rng.choice(3, p=OTHER_PRODUCTS))
+        picks = np.where(rng.random(count) < 0.5, same_leaf[rng.integers(0, len(same_leaf), count)],
+                         rng.integers(0, len(self.market), count))
+        return picks[picks != intent]
 
     def _text_query(self, leaf: int, intent: int, rng) -> Query:
         """Words a shopper types: a name of the category, maybe a colour, brand, attribute, gender."""
@@ -298,6 +334,29 @@ class Sessions:
         named = [c for c in checks if c is not None]
         matched = np.mean(named, axis=0) if named else np.ones(len(items))
         return category * (0.4 + 0.6 * matched)
+
+
+def _impression_truth(sessions: list[dict], day: int, item_ids: pa.Array) -> pa.Table:
+    """One row per impression of the day: what the click model knew when it showed the item."""
+    def column(key, dtype=np.float32):
+        return np.concatenate([s[key] for s in sessions]).astype(dtype) if sessions else np.zeros(0, dtype)
+
+    counts = [len(s["item"]) for s in sessions]
+    return pa.table(
+        {
+            "request_id": np.repeat([s["request_id"] for s in sessions], counts).astype(str) if sessions else [],
+            "item_id": item_ids.take(pa.array(column("item", np.int64))),
+            "position": np.concatenate([np.arange(1, n + 1) for n in counts]).astype(np.int16) if sessions else [],
+            "day": np.full(sum(counts), day, np.int16),
+            "relevance": column("relevance"),
+            "fit": column("fit"),
+            "appeal": column("appeal"),
+            "finish": column("finish"),
+            "probability": column("probability"),
+            "clicked": column("clicked", bool),
+        },
+        schema=schema.IMPRESSION_TRUTH,
+    )
 
 
 def _pick(words: list[str], rng) -> str:

@@ -4,7 +4,9 @@ The behaviour simulator works on a `Market`: per-item facts as integer codes (le
 colour, brand, one searchable attribute, price band), a visual style vector, launch
 times, the words people use for each code, and a way to fetch an item's catalogue
 image. `from_world` builds it from the drawn catalogue; `from_items` from an ingested
-real catalogue, measuring each item's visual style from its real image.
+real catalogue, measuring each item's visual style (its silhouette) and finish (sharpness)
+from its real image; appeal and part of taste are hidden facts drawn per item, which only
+behaviour reveals.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from moon.io.images import decode
 from moon.sources.simulate import vocab
 from moon.sources.simulate.catalog import (
     COLOUR_NAMES,
+    HIDDEN_TASTE_DIMS,
     SECONDS_PER_DAY,
+    STYLE_DIMS,
     Catalog,
     item_id,
     look,
@@ -45,6 +49,9 @@ class Market:
     gender: np.ndarray  # int32: gender word code, -1 when none
     price_band: np.ndarray  # int8 0..3, -1 when unknown
     style: np.ndarray  # float32 (n, d) in [-1, 1]
+    finish: np.ndarray  # float32 in [-1, 1]: how well made the item looks, seen in its image (appeal)
+    hidden_appeal: np.ndarray  # float32 in [-1, 1]: appeal no image or text shows
+    hidden_taste: np.ndarray  # float32 (n, k): facts shoppers care about that no image or text shows
     created_at: np.ndarray  # int64 unix seconds
     leaf_words: list[list[str]]
     colour_words: list[list[str]]
@@ -78,6 +85,9 @@ def from_world(catalog: Catalog, image_size: int) -> Market:
         gender=leaf_gender[catalog.leaf].astype(np.int32),
         price_band=catalog.price_band,
         style=catalog.style,
+        finish=catalog.finish,
+        hidden_appeal=catalog.hidden_appeal,
+        hidden_taste=catalog.hidden_taste,
         created_at=catalog.created_at,
         leaf_words=[leaf.synonyms for leaf in leaves],
         colour_words=[vocab.COLOURS[name][1] for name in COLOUR_NAMES],
@@ -103,6 +113,8 @@ def from_items(items: pa.Table, new_item_share: float, start_date, days: int, se
     gender, gender_names = _codes([a.get("gender", "").lower() for a in attributes])
     spu, _ = _codes(items.column("spu_id").to_pylist())
     images = items.column("image")
+    style, finish = measure_looks(images)
+    n_spu = int(spu.max()) + 1 if len(spu) else 0
     return Market(
         item_ids=items.column("item_id").combine_chunks(),
         spu=spu,
@@ -113,7 +125,10 @@ def from_items(items: pa.Table, new_item_share: float, start_date, days: int, se
         attr=attr,
         gender=gender,
         price_band=_price_bands(items.column("price").to_numpy(zero_copy_only=False), leaf),
-        style=measure_styles(images),
+        style=style,
+        finish=finish,
+        hidden_appeal=rng.uniform(-1, 1, len(spu)).astype(np.float32),
+        hidden_taste=rng.standard_normal((n_spu, HIDDEN_TASTE_DIMS)).astype(np.float32)[spu],
         created_at=_launch_times(items, new_item_share, start_date, days, rng),
         leaf_words=[[name.lower()] for name in leaf_names],
         colour_words=[[name] for name in colour_names],
@@ -159,27 +174,40 @@ def _launch_times(items: pa.Table, new_item_share: float, start_date, days: int,
     return np.where(has_time, np.nan_to_num(known) // 1000, simulated).astype(np.int64)
 
 
-def measure_styles(images: pa.ChunkedArray, side: int = 32) -> np.ndarray:
-    """A visual style vector per real image: saturation, brightness, colourfulness and texture
-    of the product (the pixels that differ from the background), standardised to [-1, 1]."""
-    features = np.zeros((len(images), 4), dtype=np.float32)
-    with ui.progress("measure image styles", len(images), unit="images") as advance:
+def measure_looks(images: pa.ChunkedArray, side: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """What shoppers see in each real image, beyond what the baseline's colour/texture
+    descriptor describes: a style vector from the product's silhouette (a fixed random
+    projection of its coarse shape mask, standardised to [-1, 1]) and a finish from the
+    image's sharpness (standardised to [-1, 1]). Colour, brightness and texture are left out on
+    purpose: they are the baseline's own features, and a style made of them hands it the answer."""
+    shapes = np.zeros((len(images), SHAPE_SIDE * SHAPE_SIDE), dtype=np.float32)
+    sharpness = np.zeros(len(images), dtype=np.float32)
+    with ui.progress("measure image looks", len(images), unit="images") as advance:
         for i, data in enumerate(images):
-            features[i] = _style_features(decode(data.as_py(), draft=(side, side)), side)
+            shapes[i], sharpness[i] = _look_features(decode(data.as_py(), draft=(side, side)), side)
             advance()
+    projection = np.random.default_rng(STYLE_PROJECTION_SEED).standard_normal((shapes.shape[1], STYLE_DIMS))
+    style = _standardised(shapes @ projection.astype(np.float32))
+    return style, _standardised(np.log1p(sharpness)[:, None])[:, 0]
+
+
+SHAPE_SIDE = 8  # the silhouette mask a real item's style is projected from
+STYLE_PROJECTION_SEED = 20261207  # fixed: the same image always has the same style
+
+
+def _standardised(features: np.ndarray) -> np.ndarray:
     z = (features - features.mean(0)) / (features.std(0) + 1e-6)
     return np.tanh(z / 1.5).astype(np.float32)
 
 
-def _style_features(image: Image.Image, side: int) -> np.ndarray:
-    small = image.resize((side, side))
+def _look_features(image: Image.Image, side: int) -> tuple[np.ndarray, float]:
+    """The product's coarse silhouette (share of product pixels per cell) and the image's
+    sharpness (mean absolute Laplacian of the grey image)."""
+    small = image.convert("RGB").resize((side, side))
     rgb = np.asarray(small, dtype=np.float32) / 255
-    hsv = np.asarray(small.convert("HSV"), dtype=np.float32) / 255
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    product = np.abs(rgb - np.median(border, axis=0)).sum(-1) > 0.15
-    if product.sum() < 10:
-        product = np.ones_like(product)
-    texture = np.abs(np.diff(rgb.mean(-1), axis=1))[product[:, 1:]].mean()
-    return np.array(
-        [hsv[..., 1][product].mean(), hsv[..., 2][product].mean(), rgb[product].std(0).mean(), texture]
-    )
+    product = (np.abs(rgb - np.median(border, axis=0)).sum(-1) > 0.15).astype(np.float32)
+    cells = product.reshape(SHAPE_SIDE, side // SHAPE_SIDE, SHAPE_SIDE, side // SHAPE_SIDE).mean((1, 3))
+    grey = rgb.mean(-1)
+    laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
+    return cells.ravel() - cells.mean(), float(np.abs(laplacian).mean())

@@ -45,6 +45,8 @@ class Look:
     mark_colour: tuple[int, int, int]
     style: tuple[float, float, float, float]  # roundness, boldness, tone, ornament, each in [-1, 1]
     seed: int  # small deterministic jitter: pattern phase and scale, mark position
+    motif: int = -1  # a printed graphic on the body (a seed for its shape), or -1 for none
+    finish: float = 0.0  # in [-1, 1]: faded and blotchy (-1) to crisp with a sheen (+1)
 
 
 # ---------------------------------------------------------------- silhouettes
@@ -633,9 +635,9 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, points: np.ndarray, width: float
         draw.polygon(flat, fill=fill)
 
 
-def _masks(figure: Figure, size: int, roundness: float, ornament: float, mark: str, mark_jitter) -> tuple:
+def _masks(figure: Figure, size: int, roundness: float, ornament: float, mark: str, mark_jitter, motif: int) -> tuple:
     """Coverage (uint8, 0-255, size x size) of the silhouette, its structure and decoration
-    details, the brand mark and the mark's halo."""
+    details (the printed motif among them), the brand mark and the mark's halo."""
     canvas = SUPERSAMPLE * size
     scale, offset = FILL * canvas, canvas / 2  # the figure is centred with its longer side 1
     polygons = iter(figure.rounded_polygons(roundness * 0.09 / FILL))
@@ -658,6 +660,8 @@ def _masks(figure: Figure, size: int, roundness: float, ornament: float, mark: s
         if alpha > 0:
             draw = draws[at is not None]
             _draw(draw, kind, points * scale + offset, width * scale, round(255 * alpha), joint=None)
+    if motif >= 0:
+        draws[1].polygon(_motif_points(motif, canvas).ravel().tolist(), fill=255)
 
     # The mark sits on a halo that keeps it readable on a product of the same colour.
     mx, my, mr = figure.mark
@@ -665,6 +669,18 @@ def _masks(figure: Figure, size: int, roundness: float, ornament: float, mark: s
     mark_mask, halo_mask = _mark_masks(mark, centre, mr * scale, 1.2 * canvas / 96, size)
     structure, decoration = (np.asarray(im.reduce(SUPERSAMPLE)) for im in (structure, decoration))
     return np.asarray(silhouette), structure, decoration, mark_mask, halo_mask
+
+
+def _motif_points(motif: int, canvas: int) -> np.ndarray:
+    """A printed graphic near the body's centre: a star-like polygon whose corners, spikes and
+    turn are the motif's own, a quarter to a third of the product's size."""
+    rng = np.random.default_rng([motif, 11])
+    corners = int(rng.integers(3, 8))
+    angles = np.arange(2 * corners) * np.pi / corners + rng.uniform(0, np.pi)
+    radii = np.where(np.arange(2 * corners) % 2 == 0, 1.0, rng.uniform(0.3, 0.9))
+    radius = canvas * FILL * rng.uniform(0.12, 0.17)
+    centre = canvas / 2 + canvas * FILL * rng.uniform(-0.06, 0.06, 2)
+    return centre + radius * np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]
 
 
 def _mark_masks(mark: str, centre, r: float, grow: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -836,13 +852,14 @@ def draw_item(look: Look, size: int) -> Image.Image:
     silhouette's corners and softens its edge; boldness thickens and darkens the outline and
     raises the pattern's and shading's contrast; tone moves the colours from pastel to
     vivid without changing their hue; ornament fades in seams, trims and buttons, adds
-    stitching and makes the pattern finer.
+    stitching and makes the pattern finer. A motif is printed on the body in the accent
+    colour; finish goes from faded and blotchy to crisp with a sheen.
     """
     roundness, boldness, tone, ornament = ((min(max(float(s), -1.0), 1.0) + 1) / 2 for s in look.style)
     # Python floats, so that no numpy float64 scalar promotes the float32 arrays.
     jitter = np.random.default_rng(look.seed).random(6).tolist()
     figure = _figure(look.shape, tuple(look.proportions))
-    masks = _masks(figure, size, roundness, ornament, look.mark, [(j - 0.5) * 0.03 for j in jitter[4:6]])
+    masks = _masks(figure, size, roundness, ornament, look.mark, [(j - 0.5) * 0.03 for j in jitter[4:6]], look.motif)
 
     # Outline: the band between the silhouette and its erosion by a non-integer width;
     # stitching: a dashed band just inside the widest outline.
@@ -903,8 +920,29 @@ def draw_item(look: Look, size: int) -> Image.Image:
             mark_colour,
         ]
     )
-    image = weights.T @ colours + 0.5
-    return Image.fromarray(image.clip(0, 255, out=image).astype(np.uint8).reshape(size, size, 3), "RGB")
+    image = (weights.T @ colours).reshape(size, size, 3)
+    image = _finish(image, silhouette, look.finish, look.seed) + 0.5
+    return Image.fromarray(image.clip(0, 255, out=image).astype(np.uint8), "RGB")
+
+
+def _finish(image: np.ndarray, silhouette: np.ndarray, finish: float, seed: int) -> np.ndarray:
+    """How well made the product looks: a sheen on a crisp one (finish > 0), faded colour
+    with blotches on a poor one (finish < 0). Shoppers see it; nothing in the catalogue's
+    text or facts says it."""
+    size = image.shape[0]
+    cover = silhouette[..., None]
+    if finish > 0:
+        x, y = _grid(size)
+        spot = np.exp(-((x + 0.15 * size) ** 2 + (y + 0.18 * size) ** 2) / (2 * (0.2 * size) ** 2))
+        return image + (255 - image) * (0.55 * finish * spot)[..., None] * cover
+    if finish < 0:
+        coarse = np.random.default_rng([seed, 12]).standard_normal((6, 6)).astype(np.float32)
+        blotches = np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BICUBIC))
+        grey = image @ LUMA
+        faded = image + (grey[..., None] + 25 - image) * (0.45 * -finish)
+        faded *= 1 + (0.16 * -finish) * blotches[..., None]
+        return image + (faded - image) * cover
+    return image
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -1,8 +1,9 @@
 """`moon simulate`: write a simulated world (or behaviour over a real catalogue) into a run directory.
 
 Tables written: `items` (drawn catalogue; or the real catalogue with simulated launch
-times where it had none), `item_truth`, `users`, `events` and `query_truth` (what each
-distinct query was about, for the oracle). Items stream out in
+times where it had none), `item_truth`, `users`, `events`, `query_truth` (what each
+distinct query was about, for the oracle) and `impression_truth` (the click model's terms
+for each impression, for the ceilings). Items stream out in
 chunks and events one simulated day at a time, so memory stays bounded however large
 the world. Every manifest says what was simulated.
 """
@@ -38,7 +39,7 @@ from moon.sources.simulate.catalog import (
 from moon.sources.simulate.render import PATTERNS
 
 SECTIONS = ("world", "behaviour")  # the config sections whose change makes a new world
-OUTPUTS = ("items", "item_truth", "users", "events", "query_truth")
+OUTPUTS = ("items", "item_truth", "users", "events", "query_truth", "impression_truth")
 
 
 def simulate(config: MoonConfig, run_dir: Path, replace_ingested: bool = False) -> dict:
@@ -188,7 +189,7 @@ def _real_market(config: MoonConfig, run_dir: Path, common: dict) -> market.Mark
                 "is_new": shop.created_at >= start,
             }
         )
-        writer.commit(**common, simulated=True, style="measured from the real images")
+        writer.commit(**common, simulated=True, style="the silhouette of the real images (sources/simulate/market.py, measure_looks)")
     return shop
 
 
@@ -198,14 +199,22 @@ def _write_events(shop: market.Market, users, config: MoonConfig, run_dir: Path,
     seen: set[str] = set()  # queries whose truth is written (a query searched again is written once)
     with (TableWriter(run_dir, "events", schema.EVENTS) as writer,
           TableWriter(run_dir, "query_truth", schema.QUERY_TRUTH) as truth_writer,
+          TableWriter(run_dir, "impression_truth", schema.IMPRESSION_TRUTH) as shown_writer,
           ui.progress("simulate sessions", sessions.total_sessions(), unit="sessions") as advance):
         for day in range(b.days):
-            events, truths = sessions.day(day, advance)
+            events, truths, shown = sessions.day(day, advance)
             writer.write(events)
             truth_writer.write(truths.take(_first_seen(truths["query_id"].to_pylist(), seen)))
+            shown_writer.write(shown)
         writer.commit(**manifest, simulated=True, period_start=b.start_date.isoformat(), days=b.days)
         truth_writer.commit(**manifest, simulated=True)
+        shown_writer.commit(**manifest, simulated=True, click_model=_click_model(b))
     return writer.rows
+
+
+def _click_model(b) -> dict:
+    return {key: getattr(b, key) for key in ("position_decay", "click_bias", "relevance_weight", "taste_weight",
+                                             "appeal_weight", "appeal_visible_share")}
 
 
 def _first_seen(ids: list[str], seen: set[str]) -> list[int]:
