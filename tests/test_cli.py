@@ -49,8 +49,12 @@ def test_demo_on_a_tiny_world(tmp_path):
     ctr = json.loads((run_dir / "eval" / "ctr.json").read_text())["models"]
     assert {"dnn", "din"} <= set(ctr) and {name.split("/")[0] for name in ctr if name.startswith("cube@")} == {
         "cube@v1-stage2", "cube@v2-baseline"}
+    assert "minus the baseline's on the same queries" in result.stdout  # paired differences
+    world = json.loads((run_dir / "eval" / "world.json").read_text())
+    assert world["photos"]["photos"] == read_table(run_dir, "eval_image_search").num_rows > 0
+    assert "Photo difficulty" in result.stdout and result.stdout.count("Click ceilings") == 2  # eval world, ctr eval
     again = moon("demo", *TINY_WORLD, *TINY_MODEL, *SHORT_TRAINING, cwd=tmp_path)  # current stages are skipped
-    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 9
+    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 10
     assert "trained before, reused" in again.stderr
 
 

@@ -281,3 +281,23 @@ def test_a_jpeg_stored_sideways_is_seen_upright():
     assert left[0] > 150 > left[2] and right[2] > 150 > right[0]
     plain = _encoded(upright, "JPEG", quality=95)
     np.testing.assert_allclose(image_descriptors([sideways]), image_descriptors([plain]), atol=0.05)
+
+
+def test_a_printed_motif_and_the_finish_change_the_product_not_the_background():
+    plain = pixels(draw_item(look(pattern="solid"), SIZE))
+    printed = pixels(draw_item(look(pattern="solid", motif=5), SIZE))
+    other = pixels(draw_item(look(pattern="solid", motif=6), SIZE))
+    inside = product_mask(draw_item(look(pattern="solid"), SIZE))
+    for changed in (printed, other):
+        differs = np.abs(changed - plain).max(axis=2) > 30
+        assert differs.sum() > 0.03 * inside.sum() and not (differs & ~inside).any()
+    assert np.abs(printed - other).max(axis=2).sum() > 0  # each motif is its own graphic
+
+    crisp = pixels(draw_item(look(pattern="solid", finish=1.0), SIZE))
+    faded = pixels(draw_item(look(pattern="solid", finish=-1.0), SIZE))
+    assert (crisp[inside].max(axis=1) >= plain[inside].max(axis=1) - 1).all()  # a sheen only lightens
+    assert crisp[inside].mean() > plain[inside].mean() + 3
+    saturation = lambda a: (a.max(axis=1) - a.min(axis=1)).mean()  # noqa: E731
+    assert saturation(faded[inside]) < saturation(plain[inside]) - 10  # a faded product loses its colour
+    for changed in (crisp, faded):  # the background stays (only the product's antialiased edge may move)
+        assert np.abs(changed - plain)[~inside].mean() < 1

@@ -288,3 +288,28 @@ def test_an_item_missing_from_the_catalogue_is_a_user_error_and_leaves_no_work_f
         run_pairs(run)
     assert not [p.name for p in run.iterdir() if p.name.startswith(".pairs-work")]
     assert not RunDir(run).has_table("pairs_stage1")
+
+
+def test_the_evaluation_set_is_every_test_day_photo_with_its_item(tmp_path):
+    log = Log()
+    bought = log.session(5, None, [("d2", "impression"), ("d1", "purchase")], user="a", photo=picture("red"))
+    clicked = log.session(5, None, [("d3", "click"), ("d4", "cart")], user="b", photo=picture("green", 1))
+    log.session(5, None, [("d5", "impression")], user="c", photo=picture("yellow", 3))  # engaged with nothing
+    photographed = log.session(5, None, [("t1", "impression")], user="d", photo=picture("pink"))
+    log.session(4, None, [("d3", "purchase")], user="e", photo=picture("blue"))  # a valid day: not evaluated
+    run = log.write(tmp_path)
+    # A simulated log knows what each photo showed; a real one has only what the session did.
+    from moon.queries import query_id
+    with TableWriter(run, "query_truth", schema.QUERY_TRUTH) as writer:
+        writer.write(pa.Table.from_pylist([{"query_id": query_id(None, picture("pink")), "item_id": "t1",
+                                            "names_colour": False, "names_brand": False, "names_attribute": False}],
+                                          schema=schema.QUERY_TRUTH))
+        writer.commit(stage="test")
+    accounting, _, _ = run_pairs(run, *ONLY)
+    evaluation = read_table(run, "eval_image_search")
+    found = dict(zip(evaluation["query_id"].to_pylist(),
+                     zip(evaluation["item_id"].to_pylist(), evaluation["action"].to_pylist())))
+    assert found == {bought: ("d1", "purchase"), clicked: ("d4", "cart"), photographed: ("t1", "none")}
+    kept = step(accounting, "evaluation", "test days: photo query with its item")
+    assert (kept.rows_in, kept.kept) == (4, 3)
+    assert kept.dropped == {"no item known (nothing engaged, no truth)": 1}

@@ -333,3 +333,18 @@ def test_held_out_queries_are_test_split_sessions_of_both_pair_tables(tmp_path):
     items = held_out(tmp_path, ITEM_QUERY_VIEWS, "query_item_id")
     assert (items.queries, items.targets) == (["i1"], [["i2", "i3"]])
     assert len(held_out(tmp_path / "empty", ("text",), "query_text")) == 0
+
+
+def test_paired_differences_read_two_models_on_the_same_queries():
+    from moon.eval.retrieval import paired_differences
+
+    reference = {"image_search": {10: np.array([1, 0, 0, 1, 0, 0, 1, 0] * 25, dtype=bool)}}
+    better = {"image_search": {10: np.array([1, 1, 0, 1, 0, 1, 1, 0] * 25, dtype=bool)},
+              "text_search": {10: np.ones(5, dtype=bool)}}  # no reference for it: no difference
+    paired = paired_differences(better, reference, seed=0)
+    entry = paired["image_search"]["recall@10"]
+    assert set(paired) == {"image_search"} and entry["queries"] == 200
+    assert entry["delta"] == pytest.approx(0.25)
+    assert 0 < entry["ci95"][0] < 0.25 < entry["ci95"][1] <= 0.5  # the gain is resolved: the interval excludes 0
+    same = paired_differences(reference, reference, seed=0)["image_search"]["recall@10"]
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]

@@ -171,3 +171,35 @@ def test_shopper_photos_are_about_as_hard_for_the_baseline_as_real_shop_photos(t
     assert len(photos) >= 100
     assert found["R@1"]["value"] <= 0.3, found
     assert 0.2 <= found["R@10"]["value"] <= 0.65, found  # random: 0.123; the old world's photos: 0.72
+
+
+def test_impression_truth_is_the_click_model_of_the_log(tiny_world):
+    """Every impression of the log has its click model's terms, and the clicks are the log's."""
+    truth = read_table(tiny_world, "impression_truth")
+    events = read_table(tiny_world, "events", ["session_id", "item_id", "position", "action"])
+    shown = events.filter(pc.equal(events["action"], "impression"))
+    assert truth.num_rows == shown.num_rows
+    key = lambda t, s: list(zip(t[s].to_pylist(), t["item_id"].to_pylist(), t["position"].to_pylist()))  # noqa: E731
+    assert sorted(key(truth, "request_id")) == sorted(key(shown, "session_id"))
+    clicks = events.filter(pc.equal(events["action"], "click"))
+    clicked = truth.filter(truth["clicked"])
+    assert sorted(key(clicked, "request_id")) == sorted(key(clicks, "session_id"))
+    probability = truth["probability"].to_numpy()
+    assert ((0 < probability) & (probability < 1)).all()
+    clicked_rows = truth["clicked"].to_numpy(zero_copy_only=False)
+    assert probability[clicked_rows].mean() > probability[~clicked_rows].mean()  # clicks follow the probability
+
+
+def test_click_ceilings_rise_with_what_is_known(tiny_world):
+    from moon.eval.world import click_ceilings
+
+    config = load_config(None, [*TINY_WORLD, "pairs.valid_days=1", "pairs.test_days=2"])
+    ceilings = click_ceilings(tiny_world, config)["models"]
+    assert 0.5 < ceilings["position only"] < ceilings["+ true fit"] <= ceilings["true click probability"] + 0.01
+    assert ceilings["+ true relevance"] > ceilings["position only"]
+
+
+def test_appeal_and_hidden_taste_are_not_in_the_item_facts(tiny_world):
+    """The oracle is built from item_truth: the hidden parts of appeal and taste must stay out of it."""
+    columns = set(read_table(tiny_world, "item_truth").column_names)
+    assert not columns & {"finish", "appeal", "hidden_appeal", "hidden_taste", "motif", "cut"}

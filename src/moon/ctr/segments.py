@@ -1,7 +1,8 @@
 """Segments of the CTR test samples, where content should matter most or least.
 
-- `new items`: items launched during the log's period, or never shown before the test days
-  (their ID embeddings learned nothing: cold start);
+- `new items`: items launched during the log's period, or never shown before the test days;
+- `cold items`: items never shown before the test days (their ID embeddings learned nothing:
+  cold start; only content can tell them apart);
 - `category: <root>`: the top level of the item's category path;
 - `long-tail shops`: the least-shown shops (impressions before the test days), as many as
   `ctr.long_tail_share` of the shops;
@@ -34,6 +35,7 @@ def test_segments(config: MoonConfig, data: CtrData) -> dict[str, np.ndarray]:
     shown_before = np.zeros(len(items) + 1, dtype=bool)
     shown_before[item_of[before]] = True
     segments["new items"] = (launched[item_of[test]] | ~shown_before[item_of[test]]) & (item_of[test] >= 0)
+    segments["cold items"] = ~shown_before[item_of[test]] & (item_of[test] >= 0)  # no ID has seen a click on them
 
     roots = np.array([path[0] if path else "" for path in items["category"].to_pylist()] + [""], dtype=object)
     test_roots = roots[item_of[test]]

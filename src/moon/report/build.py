@@ -1,7 +1,7 @@
 """`moon report`: one self-contained HTML page about a run, plus its headline numbers as JSON.
 
 The page reads only what the run directory holds (tables, `pairs_stats.json`, training logs,
-`eval/retrieval.json`, `eval/ctr.json`, models, store versions), so it can be built at any point of a run: a
+`eval/world.json`, `eval/retrieval.json`, `eval/ctr.json`, models, store versions), so it can be built at any point of a run: a
 piece that is not there yet is a short note naming the command that makes it. Plots and
 images are embedded as base64, so `report/report.html` can be mailed or archived alone;
 `report/metrics.json` holds the same headline numbers for machines.
@@ -20,7 +20,7 @@ from moon.errors import UserError
 from moon.io.atomic import atomic_file, atomic_json
 from moon.io.tables import has_table, read_manifest, utc_now
 from moon.pairs.accounting import Accounting, Step
-from moon.report import ctr, gallery, recall, study, training
+from moon.report import ctr, gallery, recall, study, training, world
 from moon.report.html import Html, Section, not_run, note, page, table, text
 from moon.run import RunDir
 from moon.sources.log import has_real_log
@@ -44,6 +44,7 @@ def build_report(config: MoonConfig, run_dir: Path) -> Path:
     sections = [
         data_section(run_dir),
         pairs_section(run_dir),
+        world.section(run_dir),
         training.section(config, run_dir),
         recall.section(run_dir),
         gallery.section(config, run_dir),

@@ -1,5 +1,6 @@
 """The report's CTR section: `eval/ctr.json` as tables (metrics with intervals and lifts over DIN,
-lift per segment) and a plot of the lift per segment."""
+lift per segment, and on a simulated log the click ceilings beside them) and a plot of the
+lift per segment."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from moon.report import plots
 from moon.report.html import Html, Section, not_run, table, text, value_with_ci
+from moon.report.world import ceilings_table
 from moon.run import RunDir
 
 TITLE = "CTR prediction"
@@ -41,6 +43,8 @@ def section(run_dir: Path) -> Section:
         parts += [f"<h3>ΔAUC over {text(base)} by segment</h3>", table(("segment", "test rows", *lifted), rows)]
         parts.append(plots.segment_lifts(f"ΔAUC over {base} by segment",
                                          {name: {s: v["delta_auc"] for s, v in lifts.items()} for name, lifts in lifted.items()}))
+    if "ceilings" in results:
+        parts.append(ceilings_table(results["ceilings"]))
     return Section("ctr", TITLE, "\n".join(parts), {"ctr": results})
 
 

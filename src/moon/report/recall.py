@@ -21,14 +21,16 @@ from moon.run import RunDir
 
 DEFAULT_GROUP = "image_search"
 GROUP_TITLES = {
-    "image_search": "image search: user photo -> purchased item, whole catalogue",
+    "image_search": "image search: user photo -> the item photographed, whole catalogue",
+    "purchase_subset": "image search, purchase subset: the photos whose session bought the item",
     "hard_same_leaf": "image search, hard set: only the target's leaf category as distractors",
     "text_search": "text search: held-out text query -> the items its session engaged with",
     "item_to_item": "item -> item: the items its session engaged with after it (itself left out)",
     "labelled_image_search": "labelled image search: the test photos of a labelled query set -> the items judged hits",
     "labelled_text_search": "labelled text search: the test texts of a labelled query set -> the items judged hits",
 }
-SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}  # groups measured on another group's queries
+SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}
+PAIRED = "vs_baseline"  # a model's paired differences from the baseline (not recall figures themselves)  # groups measured on another group's queries
 HEADLINE_K = 10
 DASH = Html.num("-")  # no figure, in a column of numbers
 
@@ -74,7 +76,7 @@ def _walk(node: object, keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...]
 
 def _place(keys: tuple[str, ...]) -> tuple[str, int | None, list[str]] | None:
     """(model, dim, the remaining keys) of a path, or None when it names no model."""
-    if "models" not in keys[:-1]:
+    if "models" not in keys[:-1] or PAIRED in keys:
         return None
     at = keys.index("models")
     model, rest = keys[at + 1], [*keys[:at], *keys[at + 2 :]]
@@ -100,10 +102,32 @@ def section(run_dir: Path) -> Section:
         chosen = [f for f in measures if f.group == group]
         body, metrics[group] = group_report(group, chosen, queries)
         parts.append(body)
+    parts.append(paired_report(data.get("models", {})))
     models = list(dict.fromkeys(f.model for f in measures))
     settings = {key: data[key] for key in ("item_view", "spu_hit") if key in data}
     return Section("recall", "Recall", "\n".join(p for p in parts if p),
                    {"models": models, "recall": metrics, "recall_settings": settings})
+
+
+def paired_report(models: dict) -> str:
+    """Each model's recall@10 minus the baseline's on the same queries, per query set, with its interval."""
+    metric = f"recall@{HEADLINE_K}"
+    groups = list(dict.fromkeys(g for report in models.values() for g in report.get(PAIRED, {})))
+    rows = []
+    for model, report in models.items():
+        paired = report.get(PAIRED)
+        if paired:
+            cells = [paired.get(g, {}).get(metric) for g in groups]
+            rows.append((model, *(Html.num(_signed_with_ci(c["delta"], c["ci95"])) if c else DASH for c in cells)))
+    if not rows:
+        return ""
+    return (f"<h3>{metric} minus the baseline's, on the same queries</h3><p>the paired difference at each model's "
+            "full dimension [95% bootstrap interval over the queries]: a model beats the baseline on a query set "
+            "where the interval lies above zero</p>" + table(("model", *(g.replace("_", " ") for g in groups)), rows))
+
+
+def _signed_with_ci(value: float, ci) -> str:
+    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def _settings(data: dict) -> str:
