@@ -288,7 +288,7 @@ def test_labelled_recall_counts_a_hit_only_on_the_judged_items(labelled_run):
         simulated = {"photos": np.tile(items[0], (len(sets.photos), 1)), "texts": np.tile(items[0], (len(sets.texts), 1))}
         vectors = Vectors(**simulated, items=items, dims=None,
                           labelled_photos=items[photo_rows], labelled_texts=items[text_rows])
-        report, _ = sets.score(vectors, config())
+        report, _, _ = sets.score(vectors, config())
         return tuple(report[key]["dims"][str(len(items))]["recall@1"]["value"]
                      for key in ("labelled_image_search", "labelled_text_search"))
 

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import TINY_MODEL, TINY_WORLD
 from moon.cli import cli
 from moon.config import load_config
+from moon.eval import world
 from moon.eval.retrieval import evaluate
 from moon.io.tables import MANIFEST, read_table, table_path
 from moon.pairs.build import build_pairs
@@ -27,7 +28,8 @@ from moon.represent import embed_catalogue
 from moon.run import RunDir
 from moon.train import posttrain
 
-SECTIONS = ["data-summary", "pair-accounting", "training-curves", "recall", "image-search-gallery", "ctr", "study"]
+SECTIONS = ["data-summary", "pair-accounting", "world", "training-curves", "recall", "image-search-gallery", "ctr",
+            "study"]
 MODELS = {"baseline", "untrained", "stage1", "stage2"}  # no pretraining: it is the slowest stage to set up
 SHORT_TRAINING = [
     "posttrain.from_pretrained=false", "posttrain.stage1.steps=2", "posttrain.stage1.batch_size=8", "posttrain.stage1.log_every=1",
@@ -41,16 +43,17 @@ def config():
 
 
 def copy_world(tiny_world, run_dir):
-    for table in ("items", "item_truth", "users", "events"):
+    for table in ("items", "item_truth", "users", "events", "query_truth", "impression_truth"):
         shutil.copytree(tiny_world / table, run_dir / table)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_world, tmp_path_factory):
-    """The tiny world with pairs, two steps of each post-training stage and the retrieval evaluation."""
+    """The tiny world with pairs, its measure, two steps of each post-training stage and the retrieval evaluation."""
     run_dir = copy_world(tiny_world, tmp_path_factory.mktemp("report"))
     build_pairs(config(), run_dir)
+    world.evaluate(config(), run_dir)
     posttrain.posttrain(config(), run_dir, stage=1)
     posttrain.posttrain(config(), run_dir, stage=2)
     evaluate(config(), run_dir)
@@ -120,6 +123,8 @@ def test_the_report_has_every_section_and_the_headline_numbers(report, trained_r
     page, metrics = report
     assert page.sections == SECTIONS
     assert page.all_text().count("not run yet") == 2  # the pretraining log and the CTR stage only
+    assert "real shop photos" in page.all_text() and "Click ceilings" in page.all_text()  # how hard the world is
+    assert metrics["world"]["photos"]["R@10"]["value"] > 0
     assert "moon pretrain" in page.all_text() and "moon ctr build" in page.all_text()
     assert set(metrics["models"]) == MODELS
     saved = json.loads((trained_run / "eval" / "retrieval.json").read_text())["models"]
@@ -208,9 +213,9 @@ def test_a_run_with_only_simulated_data_says_what_is_not_run_yet(tiny_world, tmp
     text = page.all_text()
     assert page.sections == SECTIONS
     for command in ("moon pairs", "moon pretrain", "moon posttrain --stage 1", "moon posttrain --stage 2",
-                    "moon eval retrieval", "moon ctr build"):
+                    "moon eval world", "moon eval retrieval", "moon ctr build"):
         assert command in text
-    assert text.count("not run yet") >= 6  # pairs, three training logs, recall, gallery
+    assert text.count("not run yet") >= 7  # pairs, the world's measure, three training logs, recall, gallery
     assert page.images == [] and page.queries == []
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert metrics["data"]["items"] == 240 and "models" not in metrics and "gallery" not in metrics

@@ -71,7 +71,8 @@ def test_a_version_round_trips_float16_vectors_and_matryoshka_prefixes(run_dir, 
     np.testing.assert_allclose(np.linalg.norm(version.vectors(16), axis=1), 1.0, atol=1e-6)
 
     ids = version.item_ids()
-    np.testing.assert_array_equal(version.lookup([ids[7], ids[3]], dim=16), version.vectors(16)[[7, 3]])
+    # the same stored rows, re-normalised on their own (the last bit of a float32 may differ)
+    np.testing.assert_allclose(version.lookup([ids[7], ids[3]], dim=16), version.vectors(16)[[7, 3]], rtol=0, atol=1e-6)
     with pytest.raises(KeyError, match="not in store version"):
         version.lookup(["no-such-item"])
     with pytest.raises(UserError, match="dim=8"):
@@ -81,7 +82,8 @@ def test_a_version_round_trips_float16_vectors_and_matryoshka_prefixes(run_dir, 
     assert again.name == "v1-stage2" and Store(run_dir).versions() == ["v1-stage2"]
     other = embed_catalogue(config("store.partitions=3"), run_dir)  # another partitioning: a new version
     assert other.name == "v2-stage2" and Store(run_dir).latest().name == "v2-stage2"
-    np.testing.assert_array_equal(other.vectors(), vectors)
+    # other batches round a float32 differently now and then: at most one float16 step apart
+    np.testing.assert_allclose(other.vectors(), vectors, rtol=0, atol=1e-3)
     with pytest.raises(UserError, match="no stage1 model"):
         embed_catalogue(config(), run_dir, model="stage1")
 

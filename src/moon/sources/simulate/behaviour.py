@@ -203,21 +203,22 @@ class Sessions:
         self._record_truth(query, truths)
         candidates = self._candidates(query, ts, rng)
         relevance = self._relevance(query, candidates)
+        c = self.config
         fresh = (ts - self.market.created_at[candidates]) < 7 * SECONDS_PER_DAY  # engines boost new items
-        score = relevance + self.config.new_item_boost * fresh + self.config.ranker_noise * 0.35 * rng.standard_normal(len(candidates))
-        top = np.argsort(-score, kind="stable")[: self.config.results_per_query]
+        score = relevance + c.new_item_boost * fresh + c.ranker_noise * 0.35 * rng.standard_normal(len(candidates))
+        top = np.argsort(-score, kind="stable")[: c.results_per_query]
         shown, relevance = candidates[top], relevance[top]
         fit = taste(self.market, self.users, u, shown)
-        liked = appeal(self.market, shown, self.config.appeal_visible_share)
-        examined = self.config.position_decay ** np.arange(len(shown))
-        c = self.config
-        attraction = _sigmoid(c.click_bias + c.relevance_weight * relevance + c.taste_weight * fit + c.appeal_weight * liked)
-        clicked = rng.random(len(shown)) < examined * attraction
+        liked = appeal(self.market, shown, c.appeal_visible_share)
+        examined = c.position_decay ** np.arange(len(shown))
+        chance = examined * _sigmoid(c.click_bias + c.relevance_weight * relevance + c.taste_weight * fit
+                                     + c.appeal_weight * liked)
+        clicked = rng.random(len(shown)) < chance
         shown_log.append({"request_id": session_id, "item": shown, "relevance": relevance, "fit": fit,
-                          "appeal": liked, "finish": self.market.finish[shown], "probability": examined * attraction,
+                          "appeal": liked, "finish": self.market.finish[shown], "probability": chance,
                           "clicked": clicked})
-        carted = clicked & (rng.random(len(shown)) < _sigmoid(_logit(self.config.cart_rate) + fit + relevance - 0.5))
-        bought = carted & (rng.random(len(shown)) < _sigmoid(_logit(self.config.purchase_rate) + fit))
+        carted = clicked & (rng.random(len(shown)) < _sigmoid(_logit(c.cart_rate) + fit + relevance - 0.5))
+        bought = carted & (rng.random(len(shown)) < _sigmoid(_logit(c.purchase_rate) + fit))
         user_id, region = self.users.ids[u], self.users.region_names[self.users.region[u]]
         ids = self.market.item_ids
         for position, item in enumerate(shown):
@@ -338,22 +339,18 @@ class Sessions:
 
 def _impression_truth(sessions: list[dict], day: int, item_ids: pa.Array) -> pa.Table:
     """One row per impression of the day: what the click model knew when it showed the item."""
-    def column(key, dtype=np.float32):
-        return np.concatenate([s[key] for s in sessions]).astype(dtype) if sessions else np.zeros(0, dtype)
-
+    if not sessions:
+        return schema.IMPRESSION_TRUTH.empty_table()
     counts = [len(s["item"]) for s in sessions]
+    column = lambda key: np.concatenate([s[key] for s in sessions])  # noqa: E731
     return pa.table(
         {
-            "request_id": np.repeat([s["request_id"] for s in sessions], counts).astype(str) if sessions else [],
-            "item_id": item_ids.take(pa.array(column("item", np.int64))),
-            "position": np.concatenate([np.arange(1, n + 1) for n in counts]).astype(np.int16) if sessions else [],
+            "request_id": np.repeat([s["request_id"] for s in sessions], counts),
+            "item_id": item_ids.take(pa.array(column("item").astype(np.int64))),
+            "position": np.concatenate([np.arange(1, n + 1) for n in counts]).astype(np.int16),
             "day": np.full(sum(counts), day, np.int16),
-            "relevance": column("relevance"),
-            "fit": column("fit"),
-            "appeal": column("appeal"),
-            "finish": column("finish"),
-            "probability": column("probability"),
-            "clicked": column("clicked", bool),
+            **{key: column(key).astype(np.float32) for key in ("relevance", "fit", "appeal", "finish", "probability")},
+            "clicked": column("clicked"),
         },
         schema=schema.IMPRESSION_TRUTH,
     )
