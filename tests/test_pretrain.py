@@ -278,8 +278,11 @@ def test_two_torchrun_ranks_train_as_one_process_on_the_whole_batch(run_dir, tmp
     assert result.returncode == 0, result.stderr[-2000:]
 
     weights, expected = load_file(RunDir(run_dir).model("pretrain") / "model.safetensors"), load_file(single / "model.safetensors")
+    # Adam moves each weight by up to lr a step; where a gradient is as small as Adam's epsilon, the
+    # order of summation (two ranks, chunks) moves that step a little: within 1% of one step.
+    step = fast_config(*steps).pretrain.lr
     for key in expected:
-        torch.testing.assert_close(weights[key], expected[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(weights[key], expected[key], atol=0.01 * step, rtol=1e-4)
     manifest = json.loads((RunDir(run_dir).model("pretrain") / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["global_batch"] == 8
     assert [r["tokens"] for r in read_log(RunDir(run_dir).work("pretrain"))] == [r["tokens"] for r in read_log(RunDir(single_dir).work("pretrain"))]

@@ -147,8 +147,10 @@ def test_grad_cache_gives_the_full_batch_gradients(embedder):
     chunked = grad_cache_step(encode, [[queries[i:i + 2] for i in range(0, 8, 2)], [items[i:i + 3] for i in range(0, 8, 3)]], loss)
     assert torch.isclose(chunked, full.detach(), atol=1e-6)
     assert expected
-    for name, grad in expected.items():
-        torch.testing.assert_close(dict(embedder.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-4, msg=name)
+    for name, grad in expected.items():  # equal up to float32 summation order, relative to the tensor's scale
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(dict(embedder.named_parameters())[name].grad, grad, atol=1e-6 * max(scale, 1.0),
+                                   rtol=1e-4, msg=name)
 
 
 def test_symmetric_info_nce_adds_the_positive_finding_its_query():
