@@ -68,6 +68,10 @@ def synthetic(length: int):
                "query_row": rng.integers(1, QUERIES + 1, SAMPLES), "query_code": rng.integers(1, QUERIES, SAMPLES),
                "query_kind": rng.integers(2, 4, SAMPLES), "position": rng.integers(1, 11, SAMPLES).astype(np.float32),
                "label": (rng.random(SAMPLES) < 0.15).astype(np.float32), "day": np.zeros(SAMPLES, np.int16)}
+    leaf = rng.integers(0, 60, ITEMS).astype(str)  # the items as segments read them; training reads none of it
+    catalogue = pa.table({"item_id": [str(i) for i in range(ITEMS)], "shop_id": rng.integers(0, 50, ITEMS).astype(str),
+                          "category": [["root", f"leaf{code}"] for code in leaf], "price": rng.random(ITEMS),
+                          "created_at": pa.nulls(ITEMS, pa.timestamp("ms", tz="UTC")), "leaf": leaf})
     data = CtrData(
         samples=samples, splits={"train": np.arange(SAMPLES), "valid": np.arange(0), "test": np.arange(0)},
         items={"item_id": np.r_[0, rng.integers(1, ITEMS, ITEMS)], "shop_id": np.r_[0, rng.integers(2, 50, ITEMS)],
@@ -79,7 +83,8 @@ def synthetic(length: int):
         vocabs={"user_id": vocab(USERS), "item_id": vocab(ITEMS), "shop_id": vocab(50), "leaf": vocab(60),
                 "past_queries": vocab(QUERIES), "behaviour_actions": vocab(3), "query_kind": vocab(2)},
         item_ids=[str(i) for i in range(ITEMS)], query_ids=[str(i) for i in range(QUERIES)],
-        user_ids=user_of_sample.astype(str), request_ids=np.arange(SAMPLES).astype(str))
+        user_ids=user_of_sample.astype(str), request_ids=np.arange(SAMPLES).astype(str),
+        catalogue=catalogue, period_start=0)
 
     def table(n: int) -> RepresentationTable:
         vectors = np.r_[np.zeros((1, DIM)), unit_rows(rng.standard_normal((n, DIM)))].astype(np.float16)
