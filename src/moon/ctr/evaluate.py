@@ -10,10 +10,10 @@ needs no model. For every model label (e.g. `cube@v1-stage2/64`):
   the first seed, and the noise floor beside it: the spread of a difference between one run
   of each model, sqrt(std_model^2 + std_din^2) over seeds;
 - the same per segment (`moon.ctr.segments`), as AUC and lift in AUC over DIN;
-- on a simulated log, the ceilings beside them (`moon.eval.world.click_ceilings`): the test
-  AUC of logistic models on the click model's truth (position only, + item appeal, + true
-  relevance, + true fit) and of the true click probability, so a lift reads against the
-  headroom the world leaves.
+- on a simulated log, the ceilings beside them (`moon.eval.world.ceilings`: those `moon eval
+  world` saved, else fitted anew): the test AUC of logistic models on the click model's truth
+  (position only, + item appeal, + true relevance, + true fit) and of the true click
+  probability, so a lift reads against the headroom the world leaves.
 
 Results go to `eval/ctr.json`; the report renders them.
 """
@@ -34,7 +34,7 @@ from moon.ctr.segments import test_segments
 from moon.ctr.train import PREDICTIONS, RESULT, SETTINGS
 from moon.errors import UserError
 from moon.eval.metrics import auc, ctr_lifts, ctr_metrics, grouped_auc, logloss, seed_noise
-from moon.eval.world import click_ceilings, has_click_truth, print_ceilings
+from moon.eval.world import ceilings, print_ceilings
 from moon.io.atomic import atomic_json
 from moon.io.tables import read_manifest
 from moon.run import RunDir
@@ -67,8 +67,9 @@ def evaluate(config: MoonConfig, run_dir: Path) -> dict:
     results = {"base": base, "test_days": manifest["days"]["test"], "test_rows": len(test),
                "test_clicks": int(labels.sum()), "segments": {k: int(v.sum()) for k, v in segments.items()},
                "models": models}
-    if has_click_truth(run_dir):
-        results["ceilings"] = click_ceilings(run_dir, config)
+    ceiling = ceilings(config, run_dir)
+    if ceiling:
+        results["ceilings"] = ceiling
     run.eval.mkdir(parents=True, exist_ok=True)
     atomic_json(run.ctr_results, results)
     return results

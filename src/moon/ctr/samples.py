@@ -25,7 +25,7 @@ from moon import ui
 from moon.config import MoonConfig
 from moon.io import schema
 from moon.io.tables import TableWriter, dataset, made_with, read_manifest
-from moon.pairs.log import MS_PER_DAY, check_split_days, log_digest
+from moon.pairs.log import MS_PER_DAY, check_split_days, log_digest, split_of_days, split_starts
 from moon.queries import query_ids
 
 SECTIONS = ("pairs",)  # with the log's (`log_digest`): the samples are split by the pairs' days
@@ -98,21 +98,16 @@ def label_impressions(impressions: pa.Table, behaviour: pa.Table) -> pa.Table:
 
 def add_days_and_splits(samples: pa.Table, start_ms: int, days: int, config: MoonConfig) -> pa.Table:
     day = (samples["ts"].cast(pa.int64()).to_numpy() - start_ms) // MS_PER_DAY
-    test_from, valid_from = _split_starts(days, config)
-    split = np.where(day >= test_from, "test", np.where(day >= valid_from, "valid", "train"))
+    split = split_of_days(day, days, config.pairs)
     return samples.append_column("day", pa.array(day.astype(np.int16))).append_column("split", pa.array(split))
 
 
 def split_days(start_ms: int, days: int, config: MoonConfig) -> dict[str, list[str]]:
     """The calendar days of each split, for the manifest."""
-    test_from, valid_from = _split_starts(days, config)
+    test_from, valid_from = split_starts(days, config.pairs)
     dates = [str(np.datetime64(start_ms + d * MS_PER_DAY, "ms").astype("datetime64[D]")) for d in range(days)]
     return {"train": dates[:valid_from], "valid": dates[valid_from:test_from], "test": dates[test_from:]}
 
-
-def _split_starts(days: int, config: MoonConfig) -> tuple[int, int]:
-    test_from = days - config.pairs.test_days
-    return test_from, test_from - config.pairs.valid_days
 
 
 def write(run_dir: Path, name: str, table: pa.Table, manifest: dict) -> None:

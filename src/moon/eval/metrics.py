@@ -215,6 +215,14 @@ class RecallReport:
     # the ranking its recall was computed from; None when the full dimension was not scored
     top: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
+    def subset(self, chosen: np.ndarray) -> RecallReport:
+        """The same search scored on the `chosen` queries alone (a boolean mask), at the full dimension:
+        their hits are already known, so nothing is searched again."""
+        full = max(self.hits)
+        hits = {k: h[chosen] for k, h in self.hits[full].items()}
+        recall = {k: Recall(float(h.mean()), bootstrap_ci(h, self.seed, self.resamples)) for k, h in hits.items()}
+        return RecallReport(int(chosen.sum()), self.catalogue, {full: recall}, {full: hits}, self.seed, self.resamples)
+
     def to_dict(self) -> dict:
         return {
             "dims": {

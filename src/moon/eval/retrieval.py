@@ -151,9 +151,7 @@ class QuerySets:
         report["hard_same_leaf"] = same_leaf_recall(vectors.photos, vectors.items, self.relevant, self.leaves,
                                                     config.seed)
         if self.bought.any():
-            subset = retrieval_recall(vectors.photos[self.bought], vectors.items,
-                                      [r for r, b in zip(self.relevant, self.bought) if b], **scored)
-            report[PURCHASED] = subset.to_dict()
+            report[PURCHASED] = image_search.subset(self.bought).to_dict()
         searches = [("text_search", self.texts, vectors.texts, self.text_relevant, None),
                     ("item_to_item", self.pairs, vectors.items[self.own_rows], self.item_relevant, self.own_rows),
                     ("labelled_image_search", self.labelled_photos, vectors.labelled_photos,

@@ -33,6 +33,7 @@ from moon.errors import UserError
 from moon.eval.metrics import auc, bootstrap_ci
 from moon.io.atomic import atomic_json
 from moon.io.tables import has_table, read_manifest, read_table
+from moon.pairs.log import split_of_days
 from moon.run import RunDir
 from moon.sources.log import has_real_log
 
@@ -82,10 +83,8 @@ def click_ceilings(run_dir: Path, config: MoonConfig) -> dict:
         raise UserError(f"{run_dir} has no impression_truth table: the ceilings need a log simulated by this "
                         "version of MOON (`moon simulate`); a real log has no truth to measure them with")
     truth = read_table(run_dir, "impression_truth")
-    day = truth["day"].to_numpy()
-    last = int(day.max())
-    test = day > last - config.pairs.test_days
-    train = day <= last - config.pairs.test_days - config.pairs.valid_days
+    split = split_of_days(truth["day"].to_numpy(), read_manifest(run_dir, "events")["days"], config.pairs)
+    test, train = split == "test", split == "train"
     clicked = truth["clicked"].to_numpy(zero_copy_only=False).astype(np.int8)
     positions = OneHotEncoder(handle_unknown="ignore").fit_transform(truth["position"].to_numpy()[:, None]).toarray()
     out = {"test_rows": int(test.sum()), "test_clicks": int(clicked[test].sum()), "models": {}}
@@ -95,6 +94,15 @@ def click_ceilings(run_dir: Path, config: MoonConfig) -> dict:
         out["models"][name] = auc(clicked[test], model.predict_proba(features[test])[:, 1])
     out["models"]["true click probability"] = auc(clicked[test], truth["probability"].to_numpy()[test])
     return out
+
+
+def ceilings(config: MoonConfig, run_dir: Path) -> dict | None:
+    """The click ceilings of a simulated log: those `moon eval world` saved for the run's evaluation set
+    as it is now, else fitted here; None for a log with no click truth (a real one)."""
+    if not has_click_truth(run_dir):
+        return None
+    saved = json.loads(RunDir(run_dir).world_results.read_text()) if is_current(config, run_dir) else {}
+    return saved.get("ceilings") or click_ceilings(run_dir, config)
 
 
 def evaluate(config: MoonConfig, run_dir: Path) -> dict:

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 from moon.config import PairsConfig
 from moon.io import schema
 from moon.io.tables import dataset, has_table, read_table
-from moon.pairs.log import ACTION_RANK, MS_PER_DAY, first_photo_rows
+from moon.pairs.log import ACTION_RANK, MS_PER_DAY, first_photo_rows, split_starts
 from moon.queries import query_id
 
 TEST_PHOTO = {"split": "test", "image_query": True}
@@ -33,11 +33,11 @@ PHOTO_COLUMNS = ["session_id", "ts", "region", "user_id", "query_image"]
 def image_search_eval_set(log, catalogue, settings: PairsConfig, run_dir: Path, accounting) -> Iterator[pa.Table]:
     """The test days' photo queries with their items, in time order: the input of image-based search recall."""
     engaged = _engaged(log)
-    photos = _test_photos(run_dir, log.period_start_ms + (log.days - settings.test_days) * MS_PER_DAY)
+    photos = _test_photos(run_dir, log.period_start_ms + split_starts(log.days, settings)[0] * MS_PER_DAY)
     truth = _photographed(run_dir)
     queries = [query_id(None, photo) for photo in photos["query_image"].to_pylist()]
     sessions = photos["session_id"].to_pylist()
-    targets = [truth.get(q) or engaged.get(s, {}).get("best") for q, s in zip(queries, sessions)]
+    targets = [truth.get(q) or _strongest(engaged.get(s, {})) for q, s in zip(queries, sessions)]
     actions = [engaged.get(s, {}).get(t, "none") for s, t in zip(sessions, targets)]
     known = np.array([t is not None for t in targets], dtype=bool)
     accounting.record(
@@ -69,15 +69,17 @@ def image_search_eval_set(log, catalogue, settings: PairsConfig, run_dir: Path, 
 
 
 def _engaged(log) -> dict[str, dict[str, str]]:
-    """Per test-day photo session: its items (in time order) with the strongest action on each, and
-    under "best" the first item of its strongest action."""
+    """Per test-day photo session: the items it engaged with, in time order, and its strongest action on each."""
     sessions: dict[str, dict[str, str]] = {}
     for part in log.scan(["session_id", "item_id", "action"], TEST_PHOTO):
         for session, item, action in zip(*(part[c].to_pylist() for c in ("session_id", "item_id", "action"))):
             sessions.setdefault(session, {})[item] = action
-    for actions in sessions.values():
-        actions["best"] = max(actions, key=lambda item: ACTION_RANK[actions[item]])
     return sessions
+
+
+def _strongest(actions: dict[str, str]) -> str | None:
+    """The first item of the session's strongest action; None if it engaged with nothing."""
+    return max(actions, key=lambda item: ACTION_RANK[actions[item]], default=None)
 
 
 def _test_photos(run_dir: Path, test_from_ms: int) -> pa.Table:

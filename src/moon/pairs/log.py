@@ -310,10 +310,20 @@ def check_split_days(days: int, settings: PairsConfig) -> None:
 def assign_splits(interactions: pa.Table, start_ms: int, days: int, settings: PairsConfig) -> pa.Table:
     """train / valid / test by event day: evaluation comes from later days than any training pair."""
     day = (interactions["ts"].cast(pa.int64()).to_numpy() - start_ms) // MS_PER_DAY
+    return interactions.append_column("split", pa.array(split_of_days(day, days, settings), pa.string()))
+
+
+def split_starts(days: int, settings: PairsConfig) -> tuple[int, int]:
+    """(first test day, first valid day) of a log of `days` days, counted from its first day."""
     test_from = days - settings.test_days
-    valid_from = test_from - settings.valid_days
-    split = np.where(day >= test_from, "test", np.where(day >= valid_from, "valid", "train"))
-    return interactions.append_column("split", pa.array(split, pa.string()))
+    return test_from, test_from - settings.valid_days
+
+
+def split_of_days(day: np.ndarray, days: int, settings: PairsConfig) -> np.ndarray:
+    """The split of each day index: the last `test_days` test, the `valid_days` before them valid, the rest
+    train. Pairs, CTR samples and the click ceilings all split the log this one way."""
+    test_from, valid_from = split_starts(days, settings)
+    return np.where(day >= test_from, "test", np.where(day >= valid_from, "valid", "train"))
 
 
 # ---------------------------------------------------------------- reading in order
