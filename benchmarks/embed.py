@@ -1,7 +1,9 @@
 """Batch embedding speed of the tiny preset: catalogue items/s through the code path of `moon embed`
 (`represent.encoders.TrainedEncoder.encode_items`, served view, `store.batch_size` items per forward pass), the
 achieved FLOP/s against this machine's matmul peak measured in the same run, and the share of
-the time spent building model inputs (image decoding, tokenising) rather than in the model.
+the time spent building model inputs (image decoding, tokenising) rather than in the model; and
+the speed with the multimodal rotary positions cached per layout against the library's per-row
+computation.
 
     python benchmarks/embed.py [--run-dir runs/demo] [--items 2000]
 
@@ -73,6 +75,21 @@ def total_flops(model: Embedder, items: pa.Table, batch_size: int) -> int:
     return counter.get_total_flops()
 
 
+def rotary_cache_speed(model: Embedder, items: pa.Table, batch_size: int, repeats: int = 3) -> None:
+    """Items/s with the rotary positions cached per layout (as `moon embed` runs) against the library
+    computing them for every row, alternated."""
+    cached = model.positions
+    ratios = []
+    for _ in range(repeats):
+        with_cache, _ = items_per_second(model, items, batch_size)
+        model.positions = lambda batch: None  # the library's own positions, row by row
+        library, _ = items_per_second(model, items, batch_size)
+        model.positions = cached
+        ratios.append(with_cache / library)
+    print(json.dumps({"rotary_cache_speed_ratio_runs": [round(r, 3) for r in ratios],
+                      "rotary_cache_speed_ratio_median": round(sorted(ratios)[len(ratios) // 2], 3)}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
@@ -89,6 +106,7 @@ def main() -> None:
     inputs = input_seconds(model, items, batch_size)
     print(json.dumps({"items": items.num_rows, "batch_size": batch_size, "seconds": round(seconds, 2),
                       "items_per_s": round(rate, 1), "input_building_share": round(inputs / seconds, 3)}))
+    rotary_cache_speed(model, items, batch_size)
 
     # FLOPs are counted with eager attention: the CPU sdpa kernel reports none
     counted, _ = embedder(items, ["model.attn_implementation=eager"])

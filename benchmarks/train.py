@@ -5,6 +5,13 @@ step (hard negatives, queue, gather, descriptor distillation) of the same model,
 prepared beforehand; their ratio is the cost of stage 2's extras (each of `--repeats` runs
 reported). Also the achieved FLOP/s of the plain step against this machine's matmul peak.
 
+`--levers`: the stage-1 step as it trains today against the same step with one lever changed,
+each alternated with today's over `--repeats` runs on the same inputs: bfloat16 autocast, the
+rotary positions recomputed by the library on every batch (the step caches them per layout),
+AdamW's per-tensor loop (the step uses the fused kernel), a shorter text budget, and
+`torch.compile` of the LLM (its first step, which compiles, is reported apart); also the share
+of a step that preparing its inputs (augmentation, decoding, collation) costs.
+
 `--loop`: the whole post-training loop against the bare step. The loop is `moon posttrain
 --stage 1` itself (input workers, augmentation, collation, logging, checkpoints), run for
 `--steps` steps in a scratch run directory over this run's tables; its pairs/s is read from
@@ -12,6 +19,7 @@ its training log (the first logged interval, which starts the workers, left out)
 step is the same model, loss and optimiser on the same steps' inputs prepared beforehand.
 
     python benchmarks/train.py [--run-dir runs/demo] [--steps 40] [--repeats 3]
+    python benchmarks/train.py --levers [--run-dir runs/demo] [--steps 20] [--repeats 3]
     python benchmarks/train.py --loop [--run-dir runs/demo] [--steps 150] [posttrain.stage1.input_workers=1 ...]
 
 Needs a run directory with pair tables (`moon demo` makes runs/demo). Prints JSON lines;
@@ -77,9 +85,18 @@ class BareStep:
                              settings.distill_weight, settings.symmetric)
         queue = EmbeddingQueue(settings.queue_size, settings.queue_max_age)
         self.step = recipe.ContrastiveStep(self.embedder, self.embedder, loss, queue, settings, Processes())
-        self.optim, self.schedule = optimiser([*self.embedder.parameters(), *self.step.heads], settings)
+        self.settings = settings
+        self.rebuild_optimiser()
         self.inputs = recipe.StepInputs(pairs, self.embedder.collate, settings, config.seed, stage, Processes())
         self.batch_size = settings.batch_size
+
+    def rebuild_optimiser(self, fused: bool | None = None) -> None:
+        self.optim, self.schedule = optimiser([*self.embedder.parameters(), *self.step.heads], self.settings,
+                                              fused=fused)
+
+    def compile_language_model(self) -> None:
+        backbone = self.embedder.backbone
+        backbone.language_model = torch.compile(backbone.language_model, dynamic=True)
 
     def prepare(self, steps: range) -> list[recipe.Batch]:
         return [self.inputs[step] for step in steps]
@@ -137,6 +154,48 @@ def stage2_extras(run_dir: Path, steps: int, repeats: int) -> None:
     }))
 
 
+LEVERS = {  # lever -> (config overrides, change to the built step): each against today's step
+    "bfloat16 autocast": (["model.dtype=bfloat16"], None),
+    "rotary positions per batch (library)": ([], lambda bare: setattr(bare.embedder, "positions", lambda batch: None)),
+    "AdamW per-tensor loop": ([], lambda bare: bare.rebuild_optimiser(fused=False)),
+    "text budget 32 tokens (48 today)": (["model.max_text_tokens=32"], None),
+    "torch.compile of the LLM (dynamic shapes)": ([], lambda bare: bare.compile_language_model()),
+}
+
+
+def levers(run_dir: Path, steps: int, repeats: int) -> None:
+    """Stage 1's bare step today against each lever, alternated; ratio > 1: the lever is faster."""
+    overrides = ["posttrain.from_pretrained=false"]
+    today = BareStep(run_dir, 1, overrides)
+    prepare = []
+    for repeat in range(repeats):
+        window = range(1 + repeat * (steps + 1), (repeat + 1) * (steps + 1))
+        start = time.perf_counter()
+        today.prepare(window)
+        prepare.append((time.perf_counter() - start) / len(window))
+    step_seconds = today.batch_size / today.pairs_per_second(range(1, steps + 1))
+    print(json.dumps({"input_preparation_ms_per_step": round(1e3 * statistics.median(prepare), 1),
+                      "model_step_ms": round(1e3 * step_seconds, 1),
+                      "preparation_share": round(statistics.median(prepare) / (statistics.median(prepare) + step_seconds), 3)}))
+    summary = {}
+    for name, (lever_overrides, change) in LEVERS.items():
+        lever = BareStep(run_dir, 1, [*overrides, *lever_overrides])
+        if change:
+            change(lever)
+        start = time.perf_counter()
+        lever.run(0, lever.prepare(range(1))[0])  # the first step pays for any compilation
+        first_step = time.perf_counter() - start
+        ratios = []
+        for repeat in range(repeats):  # alternated, so that a slow spell of the machine hits both
+            window = range(1 + repeat * (steps + 1), (repeat + 1) * (steps + 1))
+            today_rate, lever_rate = today.pairs_per_second(window), lever.pairs_per_second(window)
+            ratios.append(lever_rate / today_rate)
+            print(json.dumps({"lever": name, "run": repeat + 1, "today_pairs_per_s": round(today_rate, 1),
+                              "lever_pairs_per_s": round(lever_rate, 1), "speed_ratio": round(ratios[-1], 3)}))
+        summary[name] = {"speed_ratio": round(statistics.median(ratios), 3), "first_step_s": round(first_step, 2)}
+    print(json.dumps({"steps": steps, "lever_speed_ratio_median": summary}))
+
+
 def whole_loop(run_dir: Path, steps: int, repeats: int, extra: list[str]) -> None:
     """`moon posttrain --stage 1` against its bare step, alternated `repeats` times."""
     log_every = max(1, steps // 6)
@@ -171,12 +230,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--loop", action="store_true", help="the whole post-training loop against the bare step")
-    parser.add_argument("--steps", type=int, help="timed steps per run (default 40; --loop: 150)")
+    parser.add_argument("--levers", action="store_true", help="stage 1's step against each speed lever")
+    parser.add_argument("--steps", type=int, help="timed steps per run (default 40; --levers: 20; --loop: 150)")
     parser.add_argument("--repeats", type=int, default=3, help="runs, alternated with their baseline")
     parser.add_argument("overrides", nargs="*", help="config overrides for the loop and its bare step")
     args = parser.parse_args()
     ui.set_quiet(True)
-    if args.loop:
+    if args.levers:
+        levers(Path(args.run_dir), args.steps or 20, args.repeats)
+    elif args.loop:
         whole_loop(Path(args.run_dir), args.steps or 150, args.repeats, args.overrides)
     else:
         stage2_extras(Path(args.run_dir), args.steps or 40, args.repeats)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import TINY_MODEL, TINY_WORLD, shared_data
 from moon.io.tables import read_manifest, read_table
+from moon.pairs.eval_set import eval_photos
 from test_ingest import good_rows, write_catalogue
 
 SHORT_TRAINING = ["pretrain.steps=2", "pretrain.batch_size=8", "posttrain.stage1.steps=2",
@@ -38,9 +39,10 @@ def test_demo_on_a_tiny_world(tmp_path):
     run_dir = tmp_path / "runs" / "demo"
     assert read_table(run_dir, "items").num_rows == 240
     assert read_table(run_dir, "pairs_stage2").num_rows > 0
-    for model in ("baseline", "untrained", "pretrain", "stage1", "stage2"):
+    for model in ("baseline", "untrained", "stage1", "stage2"):
         assert model in result.stdout  # the recall table
     models = json.loads((run_dir / "eval" / "retrieval.json").read_text())["models"]
+    assert "pretrain" not in models and not (run_dir / "models" / "pretrain").exists()  # the demo skips it
     assert set(models) >= {"baseline", "stage2"}
     assert {"dims", "hard_same_leaf", "text_search", "item_to_item"} <= set(models["stage2"])
     assert "text search and item -> item recall" in result.stdout
@@ -51,10 +53,11 @@ def test_demo_on_a_tiny_world(tmp_path):
         "cube@v1-stage2", "cube@v2-baseline"}
     assert "minus the baseline's on the same queries" in result.stdout  # paired differences
     world = json.loads((run_dir / "eval" / "world.json").read_text())
-    assert world["photos"]["photos"] == read_table(run_dir, "eval_image_search").num_rows > 0
+    assert world["photos"]["photos"] == eval_photos(run_dir, "test").num_rows > 0
     assert "Photo difficulty" in result.stdout and result.stdout.count("Click ceilings") == 2  # eval world, ctr eval
     again = moon("demo", *TINY_WORLD, *TINY_MODEL, *SHORT_TRAINING, cwd=tmp_path)  # current stages are skipped
-    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 10
+    assert again.returncode == 0 and again.stderr.count("are current, skipped") == 9
+    assert "pretrain: skipped, posttrain.from_pretrained is false" in again.stderr
     assert "trained before, reused" in again.stderr
 
 

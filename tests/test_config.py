@@ -125,7 +125,8 @@ def test_schema_defaults_are_neutral_and_the_demo_carries_its_tuned_values():
     for stage in (neutral.stage1, neutral.stage2):
         assert stage.catalogue_pairs == 0 and stage.distill_weight == 0 and stage.hard_negatives == 0
     assert demo.stage1.catalogue_pairs == demo.stage2.catalogue_pairs == 0.8
-    assert demo.stage1.steps == 1500 and demo.stage2.lr == 3e-5 and demo.stage2.hard_negatives == 0.5
+    assert demo.stage1.steps == 1500 and demo.stage2.lr == 1e-4 and demo.stage2.hard_negatives == 0.5
+    assert neutral.from_pretrained and not demo.from_pretrained  # the demo skips pretraining
     assert load_config(default_config_path().with_name("qwen2vl-2b.yaml")).posttrain.stage1.catalogue_pairs == 0
 
 

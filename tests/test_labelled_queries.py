@@ -187,7 +187,7 @@ def labelled_run(log_world, tmp_path_factory):
     return run_dir
 
 
-def test_stage1_gains_the_train_split_as_pairs_of_its_task_and_weight(labelled_run):
+def test_both_stages_gain_the_train_split_as_pairs_of_its_task_and_weight(labelled_run):
     stage1 = read_table(labelled_run, "pairs_stage1")
     labelled = stage1.filter(pc.equal(stage1["action"], "labelled")).to_pylist()
     ids, _, _ = items_of(labelled_run, LABELLED_ITEMS)
@@ -206,7 +206,12 @@ def test_stage1_gains_the_train_split_as_pairs_of_its_task_and_weight(labelled_r
     assert (step["rows_in"], step["kept"]) == (LABELLED_ITEMS + 1, LABELLED_ITEMS // 2)
     assert stats["totals"]["labelled queries"]["test queries"] == LABELLED_ITEMS  # six photos, six texts
     assert stats["totals"]["pairs_stage1"]["task text->title+image"] >= LABELLED_ITEMS // 2
-    assert "labelled" not in read_table(labelled_run, "pairs_stage2")["action"].to_pylist()  # stage 1 only
+    # stage 2 keeps them too, so that it does not unlearn what people judged
+    stage2 = read_table(labelled_run, "pairs_stage2")
+    again = stage2.filter(pc.equal(stage2["action"], "labelled")).to_pylist()
+    assert sorted((p["task"], p["pos_item_id"]) for p in again) == sorted((p["task"], p["pos_item_id"]) for p in labelled)
+    step = next(s for s in stats["steps"] if s["name"] == "labelled image->title+image" and s["stage"] == "stage 2")
+    assert step["kept"] == LABELLED_ITEMS // 2
 
 
 def test_a_zero_weight_leaves_the_labelled_pairs_out_and_says_so(labelled_run, tmp_path):

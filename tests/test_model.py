@@ -128,3 +128,23 @@ def test_vision_attention_over_same_size_images_in_one_call_matches_qwen2vl_per_
     changed = hidden.clone()
     changed[:16] += 1.0
     assert torch.equal(attention(changed, same_sizes, rotary)[16:], attention(hidden, same_sizes, rotary)[16:])
+
+
+def test_cached_rotary_positions_are_the_library_positions_and_give_the_same_embeddings(embedder):
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (72, 72, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = embedder.collate([Input("red cotton shirt", photos[0]), Input("blue denim jeans size m"),
+                              Input(image=photos[1]), Input("mug", photos[2]), Input("red cotton shirt", photos[1])])
+    library, _ = embedder.backbone.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"])
+    embedder.positions.layouts.clear()
+    cached = embedder.positions(batch)
+    assert torch.equal(cached, library)
+    assert len(embedder.positions.layouts) == 4  # the first and last rows share a layout
+    with torch.no_grad():
+        with_cache = embedder(batch)
+        without = embedder.backbone(**batch, use_cache=False).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((without * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(with_cache, pooled, rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from moon.config import load_config
 from moon.io import schema
 from moon.io.tables import TableWriter, read_table
 from moon.pairs.build import build_pairs
+from moon.pairs.eval_set import eval_photos
 from moon.pairs.stage1 import mix_quotas
 from moon.run import RunDir
 
@@ -143,12 +144,15 @@ def test_splits_are_by_day_and_evaluation_never_leaks_into_training(tmp_path):
         log.session(day, None, [("d3", "purchase")], user=f"v{day}", photo=picture("green", 1))
     run = log.write(tmp_path)
     _, stage1, stage2 = run_pairs(run, *ONLY)
-    evaluation = read_table(run, "eval_image_search")
+    held_out = read_table(run, "eval_image_search")
     days = lambda t: ((t["ts"].cast(pa.int64()).to_numpy() - int(START.timestamp() * 1000)) // 86_400_000)
     for pairs in (stage1, stage2):
         split = np.array(pairs["split"].to_pylist())
         assert set(days(pairs)[split == "test"]) == {5} and set(days(pairs)[split == "valid"]) == {4}
         assert days(pairs)[split == "train"].max() <= 3
+    # the valid day's photo is where recipes are chosen, the test day's where they are measured
+    assert dict(zip(held_out["split"].to_pylist(), days(held_out).tolist())) == {"valid": 4, "test": 5}
+    evaluation = eval_photos(run, "test")
     assert evaluation.num_rows == 1 and days(evaluation).tolist() == [5]
     eval_sessions = set(evaluation["query_id"].to_pylist())
     for pairs in (stage1, stage2):
@@ -290,13 +294,13 @@ def test_an_item_missing_from_the_catalogue_is_a_user_error_and_leaves_no_work_f
     assert not RunDir(run).has_table("pairs_stage1")
 
 
-def test_the_evaluation_set_is_every_test_day_photo_with_its_item(tmp_path):
+def test_the_evaluation_set_is_every_valid_and_test_day_photo_with_its_item(tmp_path):
     log = Log()
     bought = log.session(5, None, [("d2", "impression"), ("d1", "purchase")], user="a", photo=picture("red"))
     clicked = log.session(5, None, [("d3", "click"), ("d4", "cart")], user="b", photo=picture("green", 1))
     log.session(5, None, [("d5", "impression")], user="c", photo=picture("yellow", 3))  # engaged with nothing
     photographed = log.session(5, None, [("t1", "impression")], user="d", photo=picture("pink"))
-    log.session(4, None, [("d3", "purchase")], user="e", photo=picture("blue"))  # a valid day: not evaluated
+    chosen_on = log.session(4, None, [("d3", "purchase")], user="e", photo=picture("blue"))  # a valid day
     run = log.write(tmp_path)
     # A simulated log knows what each photo showed; a real one has only what the session did.
     from moon.queries import query_id
@@ -306,10 +310,12 @@ def test_the_evaluation_set_is_every_test_day_photo_with_its_item(tmp_path):
                                           schema=schema.QUERY_TRUTH))
         writer.commit(stage="test")
     accounting, _, _ = run_pairs(run, *ONLY)
-    evaluation = read_table(run, "eval_image_search")
+    evaluation = eval_photos(run, "test")
     found = dict(zip(evaluation["query_id"].to_pylist(),
                      zip(evaluation["item_id"].to_pylist(), evaluation["action"].to_pylist())))
     assert found == {bought: ("d1", "purchase"), clicked: ("d4", "cart"), photographed: ("t1", "none")}
-    kept = step(accounting, "evaluation", "test days: photo query with its item")
-    assert (kept.rows_in, kept.kept) == (4, 3)
+    valid = eval_photos(run, "valid")
+    assert valid["query_id"].to_pylist() == [chosen_on] and valid["item_id"].to_pylist() == ["d3"]
+    kept = step(accounting, "evaluation", "valid and test days: photo query with its item")
+    assert (kept.rows_in, kept.kept) == (5, 4)
     assert kept.dropped == {"no item known (nothing engaged, no truth)": 1}

@@ -18,9 +18,11 @@ from conftest import TINY_MODEL, TINY_WORLD
 from moon.cli import cli
 from moon.config import load_config
 from moon.eval import world
-from moon.eval.retrieval import evaluate
+from moon.errors import UserError
+from moon.eval.retrieval import evaluate, print_results
 from moon.io.tables import MANIFEST, read_table, table_path
 from moon.pairs.build import build_pairs
+from moon.pairs.eval_set import eval_photos
 from moon.report import build_report, gallery
 from moon.report import recall as recall_section
 from moon.report.html import THUMB_SIDE
@@ -162,7 +164,7 @@ def test_every_embedded_image_decodes_at_its_stated_size(report):
 
 def test_the_gallery_shows_eight_queries_with_five_results_and_marks_the_hits(report, trained_run):
     page, metrics = report
-    rows = read_table(trained_run, "eval_image_search", ["query_id", "item_id"]).to_pylist()
+    rows = eval_photos(trained_run, "test", ["query_id", "item_id"]).to_pylist()
     bought = {(row["query_id"], row["item_id"]) for row in rows}
     assert len(page.queries) == 8
     hits = 0
@@ -192,7 +194,7 @@ def test_the_gallery_renders_what_eval_found_without_loading_a_model(trained_run
     predictions = pq.read_table(RunDir(run_dir).predictions("stage2"))
     assert predictions.schema.metadata[b"item_vectors"] == f"store version {version.name}".encode()
     # the saved rankings are the ones recall was computed from
-    bought = read_table(run_dir, "eval_image_search", ["item_id"])["item_id"].to_pylist()
+    bought = eval_photos(run_dir, "test", ["item_id"])["item_id"].to_pylist()
     hits = [item in found for item, found in zip(bought, predictions["item_ids"].to_pylist())]
     recall = json.loads(RunDir(run_dir).retrieval_results.read_text())["models"]["stage2"]["dims"]["32"]
     assert np.mean(hits) == pytest.approx(recall["recall@10"]["value"])
@@ -259,3 +261,24 @@ def test_recall_reads_any_metric_group_and_tolerates_absent_ones(tmp_path):
     assert text_query["recall@10"]["value"] == 0.7 and text_query["queries"] == 25
     assert "baseline" not in groups["text_query"]
     assert section.body.count('data-kind="plot"') == 2  # recall@K curves, recall@10 per dim: image search only
+
+
+def test_recipes_are_chosen_on_the_valid_days_without_touching_the_test_days_results(trained_run, tmp_path, capsys):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    test_results = RunDir(run_dir).retrieval_results.read_text()
+    predictions = RunDir(run_dir).predictions("stage2").read_bytes()
+    valid = evaluate(config(), run_dir, split="valid")
+    saved = json.loads(RunDir(run_dir).retrieval_results_of("valid").read_text())
+    assert saved["split"] == "valid" and set(saved["models"]) == set(valid) >= {"baseline", "stage1", "stage2"}
+    assert valid["baseline"]["queries"] == eval_photos(run_dir, "valid").num_rows > 0
+    assert not set(eval_photos(run_dir, "valid")["query_id"].to_pylist()) & set(
+        eval_photos(run_dir, "test")["query_id"].to_pylist())
+    assert RunDir(run_dir).retrieval_results.read_text() == test_results  # the test days' results stand
+    assert RunDir(run_dir).predictions("stage2").read_bytes() == predictions
+    # what stage 2 adds to stage 1, paired on the same queries
+    added = valid["stage2"]["vs_stage1"]["image_search"]["recall@10"]
+    assert added["queries"] == valid["baseline"]["queries"] and added["ci95"][0] <= added["delta"] <= added["ci95"][1]
+    print_results(valid)
+    assert "of stage 2 minus stage 1's" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not 'train'"):
+        eval_photos(run_dir, "train")

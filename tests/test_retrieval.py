@@ -333,6 +333,8 @@ def test_held_out_queries_are_test_split_sessions_of_both_pair_tables(tmp_path):
     items = held_out(tmp_path, ITEM_QUERY_VIEWS, "query_item_id")
     assert (items.queries, items.targets) == (["i1"], [["i2", "i3"]])
     assert len(held_out(tmp_path / "empty", ("text",), "query_text")) == 0
+    valid = held_out(tmp_path, ITEM_QUERY_VIEWS, "query_item_id", "valid")  # where recipes are chosen
+    assert (valid.queries, valid.targets) == (["i2"], [["i3"]])
 
 
 def test_paired_differences_read_two_models_on_the_same_queries():

@@ -226,14 +226,16 @@ def evaluate():
 
 
 @evaluate.command("retrieval")
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True,
+              help="the days whose queries are searched: test to measure, valid to choose a recipe by")
 @stage_command
-def eval_retrieval(config: MoonConfig, run_dir: Path):
+def eval_retrieval(config: MoonConfig, run_dir: Path, split: str):
     """Image-based search recall@K of every model in the run, per Matryoshka dimension, with 95% CIs."""
     from moon.eval.retrieval import evaluate as run_eval
     from moon.eval.retrieval import print_results
 
-    print_results(run_eval(config, run_dir))
-    ui.log(f"results -> {RunDir(run_dir).retrieval_results}")
+    print_results(run_eval(config, run_dir, split=split))
+    ui.log(f"results -> {RunDir(run_dir).retrieval_results_of(split)}")
 
 
 @evaluate.command("world")

@@ -442,9 +442,10 @@ class StudyConfig(Section):
     """The exchange-rate and scaling studies (`moon study exchange-rate|scaling`)."""
 
     versions: list[str] = Field(
-        ["baseline", "untrained", "pretrain", "stage1", "stage2", "random", "truth"],
-        description="representations the exchange rate compares (beside the shorter stage-1 runs): a stage, "
-        "`untrained` (the backbone before any training) or a model made without training",
+        ["baseline", "untrained", "stage1", "stage2", "random", "truth"],
+        description="representations the exchange rate compares (beside the shorter stage-1 runs): a stage the "
+        "run trained (add `pretrain` where it pretrains), `untrained` (the backbone before any training) or a "
+        "model made without training",
     )
     token_fractions: list[float] = Field(
         [0.0625, 0.125, 0.25, 0.5], description="stage-1 runs of these shares of posttrain.stage1.steps, beside the "

@@ -47,6 +47,7 @@ class Stage:
     current: Callable[[MoonConfig, Path], bool] | None = None  # overrides the manifest digest check
     options: tuple[str, ...] = ()  # keyword options of `pipeline.run` the stage takes (e.g. replace_ingested)
     kept: Callable[[Path], str | None] | None = None  # why the run's outputs must stay, even with --fresh
+    unused: Callable[[MoonConfig], str | None] | None = None  # why this config does not need the stage
 
     def is_current(self, config: MoonConfig, run_dir: Path) -> bool:
         if self.current is not None:
@@ -110,7 +111,7 @@ DEMO: list[Stage] = [
     SIMULATE,
     Stage("pairs", pairs.build_pairs, pairs.SECTIONS, pairs.OUTPUTS, pairs.print_report, current=pairs.is_current),
     Stage("eval world", world.evaluate, (), (), world.print_saved, current=world.is_current),
-    Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",)),
+    Stage("pretrain", pretrain.pretrain, pretrain.SECTIONS, ("models/pretrain",), unused=pretrain.unused),
     Stage("posttrain stage 1", partial(posttrain.posttrain, stage=1), posttrain.SECTIONS, ("models/stage1",),
           current=partial(posttrain.is_current, stage=1)),
     Stage("posttrain stage 2", partial(posttrain.posttrain, stage=2), posttrain.SECTIONS, ("models/stage2",),
@@ -131,7 +132,7 @@ def run(stages: list[Stage], config: MoonConfig, run_dir: Path, fresh: bool = Fa
     """Runs each stage whose outputs are not current (every stage when `fresh`); `options`
     (e.g. replace_ingested=True) go to the stages that take them."""
     for stage in stages:
-        reason = stage.kept(run_dir) if stage.kept else None
+        reason = (stage.kept(run_dir) if stage.kept else None) or (stage.unused(config) if stage.unused else None)
         if reason:
             ui.log(reason)
             continue

@@ -123,6 +123,10 @@ class RunDir:
     def retrieval_results(self) -> Path:
         return self.eval / "retrieval.json"
 
+    def retrieval_results_of(self, split: str) -> Path:
+        """Recall on the test days (`retrieval.json`, what the report shows) or on another split's."""
+        return self.retrieval_results if split == "test" else self.eval / f"retrieval-{split}.json"
+
     @property
     def world_results(self) -> Path:
         return self.eval / "world.json"

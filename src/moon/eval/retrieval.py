@@ -2,7 +2,7 @@
 
 The held-out user photos of `eval_image_search` search the whole catalogue (image-based
 search, the guiding metric); the photos whose session bought the item are reported again
-as the purchase subset. Beside it, two more query sets from the test split of the
+as the purchase subset. Beside it, two more query sets from the same split of the
 pair tables: text queries, each with every item its session engaged with after it (text
 search), and items as queries, each with the items its session engaged with after it
 (item -> item, the query item left out of its own ranking). When the run holds a labelled
@@ -17,11 +17,16 @@ catalogue vectors come from a store version it made when one holds every item.
 
 Every model but the baseline also gets its paired difference from the baseline on each
 query set (`vs_baseline`: per K, the mean of the per-query differences of hits, with a 95%
-bootstrap interval over the queries), which is what "beats the baseline" means here.
+bootstrap interval over the queries), which is what "beats the baseline" means here; and
+stage 2 its paired difference from stage 1 (`vs_stage1`): what the second stage adds.
 
-Results go to `eval/retrieval.json`; what each model found for each image-search query
-(its top `PREDICTED_K` item ids and scores) goes to `eval/predictions/<model>.parquet`,
-which the report's gallery shows.
+Every query set is of one split: the test days by default; `--split valid` measures on the
+valid days instead, where choices of recipe are made without looking at the test days (a
+labelled set has no valid split: its test queries are kept for the test days' evaluation).
+
+Results go to `eval/retrieval.json` (`eval/retrieval-valid.json` for the valid days); what each
+model found for each test-day image-search query (its top `PREDICTED_K` item ids and scores)
+goes to `eval/predictions/<model>.parquet`, which the report's gallery shows.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from moon.io.tables import has_table, read_table
 from moon.model.embedder import Embedder
 from moon.model.inputs import Input
 from moon.model.views import ItemViews
+from moon.pairs.eval_set import eval_photos
 from moon.pairs.stage1 import ITEM_QUERY_VIEWS
 from moon.queries import query_id
 from moon.run import RunDir
@@ -69,7 +75,7 @@ LABELLED_TABLE = "labelled_queries"
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Test-split queries of one kind, each with the items its session engaged with after it."""
+    """One split's queries of one kind, each with the items its session engaged with after it."""
 
     queries: list  # the query text, the query item's id, or a labelled query's photo
     targets: list[list[str]]  # item ids clicked, carted or bought after the query (or judged hits), sorted
@@ -116,15 +122,15 @@ class QuerySets:
     labelled_text_relevant: list = ()
 
     @classmethod
-    def load(cls, config: MoonConfig, run_dir: Path) -> QuerySets:
+    def load(cls, config: MoonConfig, run_dir: Path, split: str = "test") -> QuerySets:
         spu_hit = config.eval.spu_hit
         items = read_table(run_dir, "items")
-        queries = read_table(run_dir, "eval_image_search")
+        queries = eval_photos(run_dir, split)
         catalogue = (items["item_id"], items["spu_id"])
-        texts = held_out(run_dir, ("text",), "query_text")
-        pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id")
+        texts = held_out(run_dir, ("text",), "query_text", split)
+        pairs = held_out(run_dir, ITEM_QUERY_VIEWS, "query_item_id", split)
         own = relevant_items(pairs.queries, None, catalogue[0], None, False)
-        labelled = {column: labelled_held_out(run_dir, column, set(catalogue[0].to_pylist()))
+        labelled = {column: labelled_held_out(run_dir, column, set(catalogue[0].to_pylist()), split)
                     for column in ("query_image", "query_text")}
         return cls(
             items=items, views=ItemViews(items), photo_query_ids=queries["query_id"],
@@ -166,21 +172,26 @@ class QuerySets:
         return report, image_search.top, hits
 
 
-def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | None = None) -> dict:
-    """Measures every model of the run (and `extra_models`, label -> directory); writes eval/retrieval.json."""
-    sets = QuerySets.load(config, run_dir)
+def evaluate(config: MoonConfig, run_dir: Path, extra_models: dict[str, Path] | None = None,
+             split: str = "test") -> dict:
+    """Measures every model of the run (and `extra_models`, label -> directory) on one split's queries;
+    writes eval/retrieval.json (test) or eval/retrieval-<split>.json."""
+    sets = QuerySets.load(config, run_dir, split)
     run = RunDir(run_dir)
     results, hits = {}, {}
     for label, vectors in _models(config, run_dir, sets, extra_models):
         ui.log(f"evaluating {label}")
         results[label], top, hits[label] = sets.score(vectors, config)
-        save_predictions(run.predictions(label), sets.photo_query_ids, top, vectors, sets.views.item_ids)
+        if split == "test":
+            save_predictions(run.predictions(label), sets.photo_query_ids, top, vectors, sets.views.item_ids)
     for label in results:
         if label != REFERENCE:
             results[label]["vs_baseline"] = paired_differences(hits[label], hits[REFERENCE], config.seed)
+    if {"stage1", "stage2"} <= set(hits):  # what stage 2 adds to the model it starts from
+        results["stage2"]["vs_stage1"] = paired_differences(hits["stage2"], hits["stage1"], config.seed)
     run.eval.mkdir(parents=True, exist_ok=True)
-    atomic_json(run.retrieval_results, {"item_view": config.model.served_view, "spu_hit": config.eval.spu_hit,
-                                        "models": results})
+    atomic_json(run.retrieval_results_of(split), {"split": split, "item_view": config.model.served_view,
+                                                  "spu_hit": config.eval.spu_hit, "models": results})
     return results
 
 
@@ -244,14 +255,14 @@ def save_predictions(path: Path, query_ids: pa.ChunkedArray, top: tuple[np.ndarr
     atomic_parquet(table, path)
 
 
-def labelled_held_out(run_dir: Path, column: str, catalogue_ids: set[str]) -> HeldOut:
-    """The test split of the run's labelled query set, its queries with a `column` (query_image or
+def labelled_held_out(run_dir: Path, column: str, catalogue_ids: set[str], split: str = "test") -> HeldOut:
+    """One split of the run's labelled query set, its queries with a `column` (query_image or
     query_text), each with its judged items. Items the catalogue no longer holds (it was replaced
     after the set was ingested) are left out, and queries left with none; a log line says so."""
     if not has_table(run_dir, LABELLED_TABLE):
         return HeldOut([], [])
     table = read_table(run_dir, LABELLED_TABLE, columns=[column, "item_ids", "split"])
-    test = table.filter(pc.and_(pc.equal(table["split"], "test"), pc.is_valid(table[column])))
+    test = table.filter(pc.and_(pc.equal(table["split"], split), pc.is_valid(table[column])))
     queries, targets, gone = [], [], 0
     for query, items in zip(test[column].to_pylist(), test["item_ids"].to_pylist()):
         known = sorted(item for item in items if item in catalogue_ids)
@@ -265,15 +276,15 @@ def labelled_held_out(run_dir: Path, column: str, catalogue_ids: set[str]) -> He
     return HeldOut(queries, targets)
 
 
-def held_out(run_dir: Path, query_views: Sequence[str], key: str) -> HeldOut:
-    """Test-split pairs whose query view is one of `query_views`, grouped into one query per
+def held_out(run_dir: Path, query_views: Sequence[str], key: str, split: str = "test") -> HeldOut:
+    """One split's pairs whose query view is one of `query_views`, grouped into one query per
     (session, query `key`) whose targets are every positive item of its pairs, from both pair tables."""
     groups: dict[tuple[str, str], set[str]] = {}
     for name in PAIR_TABLES:
         if not has_table(run_dir, name):
             continue
         table = read_table(run_dir, name, columns=["split", "query_view", "session_id", key, "pos_item_id"])
-        wanted = pc.and_(pc.equal(table["split"], "test"), pc.is_in(table["query_view"], pa.array(query_views)))
+        wanted = pc.and_(pc.equal(table["split"], split), pc.is_in(table["query_view"], pa.array(query_views)))
         table = table.filter(wanted)
         for session, query, item in zip(*(table[c].to_pylist() for c in ("session_id", key, "pos_item_id"))):
             groups.setdefault((session, query), set()).add(item)
@@ -385,21 +396,28 @@ def print_results(results: dict) -> None:
 
 
 def _print_paired(results: dict) -> None:
-    """Each model's recall@10 minus the baseline's on the same queries, with its 95% interval."""
+    """Each model's recall@10 minus the baseline's on the same queries, with its 95% interval; and stage 2's
+    minus stage 1's."""
     keys = [(IMAGE_SEARCH, "photo"), *OTHER_GROUPS]
     rows = []
     for label, report in results.items():
-        paired = report.get("vs_baseline", {})
-        cells = []
-        for key, _ in keys:
-            entry = paired.get(key, {}).get(f"recall@{HARD_K}")
-            cells.append("-" if entry is None else
-                         f"{entry['delta']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]")
-        if paired:
-            rows.append((label, *cells))
+        rows += _paired_row(label, report.get("vs_baseline", {}), keys)
     if rows:
         ui.print_table(f"R@{HARD_K} minus the baseline's on the same queries (paired, 95% CI), full dimension", rows,
                        ("model", *(name for _, name in keys)))
+    if "vs_stage1" in results.get("stage2", {}):
+        ui.print_table(f"R@{HARD_K} of stage 2 minus stage 1's on the same queries (paired, 95% CI), full dimension",
+                       _paired_row("stage2", results["stage2"]["vs_stage1"], keys), ("model", *(n for _, n in keys)))
+
+
+def _paired_row(label: str, paired: dict, keys) -> list[tuple]:
+    """[one table row of paired differences], or [] when there are none."""
+    cells = []
+    for key, _ in keys:
+        entry = paired.get(key, {}).get(f"recall@{HARD_K}")
+        cells.append("-" if entry is None else
+                     f"{entry['delta']:+.3f} [{entry['ci95'][0]:+.3f}, {entry['ci95'][1]:+.3f}]")
+    return [(label, *cells)] if paired else []
 
 
 OTHER_GROUPS = (("text_search", "text"), ("item_to_item", "item->item"),

@@ -36,6 +36,7 @@ from moon.io.tables import has_table, read_manifest, read_table
 from moon.pairs.log import split_of_days
 from moon.run import RunDir
 from moon.sources.log import has_real_log
+from moon.pairs.eval_set import eval_photos
 
 DISTRACTORS = 80  # other items beside the target: 81 in all, as in the real reference set
 DRAWS = 200  # distractor draws per photo
@@ -110,7 +111,7 @@ def evaluate(config: MoonConfig, run_dir: Path) -> dict:
     run = RunDir(run_dir)
     if not has_table(run_dir, "eval_image_search"):
         raise UserError(f"{run_dir} has no evaluation set: run `moon pairs --run-dir {run_dir}` first")
-    queries = read_table(run_dir, "eval_image_search", ["query_image", "item_id"])
+    queries = eval_photos(run_dir, "test", ["query_image", "item_id"])
     items = read_table(run_dir, "items", ["item_id", "spu_id", "image"])
     row = {item: i for i, item in enumerate(items["item_id"].to_pylist())}
     targets = np.array([row[item] for item in queries["item_id"].to_pylist()])

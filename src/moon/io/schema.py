@@ -133,7 +133,7 @@ PAIRS = pa.schema(
     ]
 )
 
-# The held-out image-search evaluation set: user photos of the test days and the item bought.
+# The held-out image-search evaluation set: user photos of the valid and test days and their items.
 EVAL_IMAGE_SEARCH = pa.schema(
     [
         pa.field("query_id", pa.string(), nullable=False),  # the search session
@@ -144,6 +144,7 @@ EVAL_IMAGE_SEARCH = pa.schema(
         pa.field("ts", TIMESTAMP, nullable=False),
         pa.field("region", pa.string(), nullable=False),
         pa.field("user_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # valid (where recipes are chosen) or test
     ]
 )
 

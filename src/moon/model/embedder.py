@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from moon import ui
 from moon.config import ModelConfig
 from moon.errors import UserError
-from moon.model.backbone import autocast, build_backbone, grid_side, merged
+from moon.model.backbone import RotaryPositions, autocast, build_backbone, grid_side, merged
 from moon.model.inputs import Batches, Collator, Input, prepared_ahead
 from moon.model.tokenizer import load_tokenizer, train_tokenizer
 
@@ -34,6 +34,7 @@ class Embedder(torch.nn.Module):
         vision = backbone.config.vision_config
         grid_side(settings.model_copy(update={"patch_size": vision.patch_size}))  # image size fits the patches
         self.collate = Collator(tokenizer, vision, settings.image_size, settings.max_text_tokens)
+        self.positions = RotaryPositions(backbone)
         self.dim = backbone.config.text_config.hidden_size
         unusable = [d for d in settings.matryoshka_dims if not 0 < d <= self.dim]
         if unusable:
@@ -51,7 +52,7 @@ class Embedder(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Full-dimension embeddings, L2-normalised: the mean of all output tokens, padding excluded."""
-        hidden = self.backbone(**batch, use_cache=False).last_hidden_state
+        hidden = self.backbone(**batch, position_ids=self.positions(batch), use_cache=False).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return F.normalize(pooled.float(), dim=-1)  # float32 for the loss, whatever the compute dtype

@@ -23,7 +23,15 @@ from transformers import PreTrainedTokenizerBase, Qwen2VLForConditionalGeneratio
 
 from moon.config import ModelConfig
 from moon.errors import UserError
-from moon.model.backbone import base_model, grid_side, merged, prepare_for_training, set_bidirectional, tiny_config
+from moon.model.backbone import (
+    RotaryPositions,
+    base_model,
+    grid_side,
+    merged,
+    prepare_for_training,
+    set_bidirectional,
+    tiny_config,
+)
 from moon.model.embedder import save_model_dir
 from moon.model.inputs import Collator
 
@@ -68,12 +76,13 @@ class AnswerLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        self.positions = RotaryPositions(base_model(model).model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss sum, predicted tokens) per example, float32."""
         generative = base_model(self.model)
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        hidden = generative.model(**inputs, use_cache=False).last_hidden_state
+        hidden = generative.model(**inputs, position_ids=self.positions(inputs), use_cache=False).last_hidden_state
         targets = batch["labels"][:, 1:]  # the token at t+1 is predicted from position t
         scored = targets != IGNORE
         logits = generative.lm_head(hidden[:, :-1][scored]).float()

@@ -22,8 +22,9 @@
    NER filter (query text and item title need `min_entities` entities), and hard
    negatives (same leaf, other SPU; plus embedder-mined top-k neighbours that are not the
    positive's SPU or near-duplicate group and not anything the session interacted with).
-4. `eval_image_search`: every user photo searched on the test days, with the item
-   photographed (or the session's strongest engagement); `eval_set.py`.
+   A labelled set's train pairs join stage 2 as well.
+4. `eval_image_search`: every user photo searched on the valid and test days, with the item
+   photographed (or the session's strongest engagement) and its split; `eval_set.py`.
 
 Every step records what it kept and dropped, and why, in `pairs_stats.json`. The tables'
 digest covers the config and the labelled set, so they are made again when either changes.
@@ -88,7 +89,8 @@ def build_pairs(config: MoonConfig, run_dir: Path) -> Accounting:
         _write(run_dir, "near_duplicates", [duplicates], common, rows_as="items", groups=groups["groups"])
         clock.lap("near duplicates")
         embedder = similarity_embedder(settings, catalogue.items, log.query_texts())
-        stage2 = stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir)
+        stage2 = itertools.chain(stage2_pairs(log, catalogue, duplicates, embedder, settings, rng, accounting, run_dir),
+                                 labelled_pairs(run_dir, catalogue, settings, accounting, "stage 2"))
         _write_pairs(run_dir, "pairs_stage2", stage2, common, accounting)
         clock.lap("stage 2")
 

@@ -1,11 +1,13 @@
-"""Stage-1 pairs from the train split of a labelled query set (`moon ingest-queries`).
+"""Post-training pairs from the train split of a labelled query set (`moon ingest-queries`).
 
 Each (query, relevant item) of the train split is a pair of the task its query asks for: a
 photo gives `image-><view>`, a text `text-><view>`, where the view is
 `pairs.labelled_item_view`; a query with both gives one pair of each. They come on top of
 the behaviour log's mix, since judgements made by people are few and each is worth keeping,
-with weight `pairs.labelled_weight` and action `labelled`. The test split never becomes a
-pair: it is a query set of `moon eval retrieval`.
+with weight `pairs.labelled_weight` and action `labelled`. They join both stages: a person's
+judgement is as strong a positive as a purchase, and stage 2 trained without the pairs of
+stage 1's best task would unlearn it. The test split never becomes a pair: it is a query set
+of `moon eval retrieval`.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def labelled_digest(run_dir: Path) -> str | None:
     return read_manifest(run_dir, TABLE).get("content_digest") if has_table(run_dir, TABLE) else None
 
 
-def labelled_pairs(run_dir: Path, catalogue: Catalogue, settings: PairsConfig,
-                   accounting: Accounting) -> Iterator[pa.Table]:
-    """The labelled set's train pairs, one table per task; nothing when the run has no labelled set."""
+def labelled_pairs(run_dir: Path, catalogue: Catalogue, settings: PairsConfig, accounting: Accounting,
+                   stage: str = "stage 1") -> Iterator[pa.Table]:
+    """The labelled set's train pairs, one table per task; nothing when the run has no labelled set.
+    `stage` names the pair table they join, in the accounting."""
     if not has_table(run_dir, TABLE):
         return
     judged = query_item_rows(run_dir)
@@ -54,7 +57,7 @@ def labelled_pairs(run_dir: Path, catalogue: Catalogue, settings: PairsConfig,
         asked = pc.is_valid(judged[column]).to_numpy(zero_copy_only=False)
         reasons = {str(fate): int(n) for fate, n in zip(*np.unique(fates[asked], return_counts=True))}
         kept = reasons.pop(KEPT, 0)
-        accounting.record("stage 1", f"labelled {task}", int(asked.sum()), kept, **reasons)
+        accounting.record(stage, f"labelled {task}", int(asked.sum()), kept, **reasons)
         if kept:
             yield _as_labelled_pairs(judged.filter(pa.array(asked & (fates == KEPT))), task, ingested, settings)
 

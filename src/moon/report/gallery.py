@@ -20,6 +20,7 @@ from moon.config import MoonConfig
 from moon.io.tables import has_table, read_table
 from moon.report.html import Section, not_run, note, text, thumbnail
 from moon.run import RunDir
+from moon.pairs.eval_set import eval_photos
 
 QUERIES = 8
 RESULTS = 5
@@ -36,7 +37,7 @@ def section(config: MoonConfig, run_dir: Path) -> Section:
         return Section("image-search-gallery", title, not_run("no trained model", "moon posttrain --stage 1"))
     if not run.predictions(label).is_file():
         return Section("image-search-gallery", title, not_run(f"no image-search results of {label}", "moon eval retrieval"))
-    queries = read_table(run_dir, "eval_image_search", ["query_id", "query_image", "item_id"])
+    queries = eval_photos(run_dir, "test", ["query_id", "query_image", "item_id"])
     if queries.num_rows == 0:
         return Section("image-search-gallery", title, note("the evaluation set holds no photo queries"))
     predictions = pq.read_table(run.predictions(label))

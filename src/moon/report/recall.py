@@ -30,6 +30,7 @@ GROUP_TITLES = {
     "labelled_text_search": "labelled text search: the test texts of a labelled query set -> the items judged hits",
 }
 SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}
+STAGE2_VS_STAGE1 = "vs_stage1"  # stage 2's paired differences from stage 1, not recall figures either
 PAIRED = "vs_baseline"  # a model's paired differences from the baseline (not recall figures themselves)  # groups measured on another group's queries
 HEADLINE_K = 10
 DASH = Html.num("-")  # no figure, in a column of numbers
@@ -76,7 +77,7 @@ def _walk(node: object, keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...]
 
 def _place(keys: tuple[str, ...]) -> tuple[str, int | None, list[str]] | None:
     """(model, dim, the remaining keys) of a path, or None when it names no model."""
-    if "models" not in keys[:-1] or PAIRED in keys:
+    if "models" not in keys[:-1] or PAIRED in keys or STAGE2_VS_STAGE1 in keys:
         return None
     at = keys.index("models")
     model, rest = keys[at + 1], [*keys[:at], *keys[at + 2 :]]

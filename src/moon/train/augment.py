@@ -10,8 +10,8 @@ item ("catalogue self-pairs").
 Catalogue images show the product on a plain background, shoppers' photos in front of a
 room. So, given `scenes` (encoded photos: the shoppers' photos of the training pairs),
 most catalogue images are re-staged first ("copy-paste" augmentation): the product is
-cut out of its plain background and pasted, scaled, tilted and off-centre, onto a
-random zoomed-in crop of a scene. All randomness comes from the caller's generator, so
+cut out of its plain background and pasted, small, tilted and anywhere in the frame,
+onto a random zoomed-in crop of a scene. All randomness comes from the caller's generator, so
 a resumed run sees the same augmented batches.
 
 Every view starts from the same few thousand catalogue images and scenes, so each process
@@ -37,8 +37,10 @@ JITTER = 0.3  # brightness, contrast and saturation factors drawn from 1 +- this
 ERASED_PATCHES = (0, 4)  # solid patches painted over the image: covers, clutter
 
 RESTAGED = 0.8  # share of catalogue images pasted onto a scene, when scenes are given
-PRODUCT_SCALE = (0.6, 1.1)  # the pasted product's longer side, as a share of the image side
-OFFSET = 0.15  # the product's centre moves up to this share of the side from the middle
+# Shoppers photograph the product small and anywhere in the frame (a third to three quarters of
+# its side, docs/world.md), not filling it as a catalogue image does.
+PRODUCT_SCALE = (0.3, 0.8)  # the pasted product's longer side, as a share of the image side
+SLACK = 0.05  # how far past the frame's edge the product's centre may stray, as a share of the side
 SCENE_ZOOM = (0.3, 0.8)  # side of the scene crop, as a share of the scene's side
 BACKGROUND_FROM, BACKGROUND_TO = 12.0, 48.0  # colour difference (levels) over which a pixel becomes product
 PLAIN_BACKGROUND = (0.02, 0.9)  # product share of the image for a cut-out to be trusted
@@ -82,11 +84,13 @@ def _restage(image: bytes | Image.Image, rng: np.random.Generator, size: int,
     if product is None:
         return None
     scene = _scene_crop(_decoded(scenes[int(rng.integers(len(scenes)))]), rng, size)
-    scale = size * rng.uniform(*PRODUCT_SCALE) / max(product.size)
+    share = rng.uniform(*PRODUCT_SCALE)
+    scale = size * share / max(product.size)
     product = product.resize((max(1, round(product.width * scale)), max(1, round(product.height * scale))),
                              Image.BILINEAR)
     product = product.rotate(rng.uniform(-MAX_ROTATION, MAX_ROTATION), Image.BILINEAR, expand=True)
-    corner = size * (0.5 + rng.uniform(-OFFSET, OFFSET, 2)) - np.array(product.size) / 2
+    reach = max(0.5 - share / 2, 0.0) + SLACK  # anywhere the product still mostly fits in the frame
+    corner = size * (0.5 + rng.uniform(-reach, reach, 2)) - np.array(product.size) / 2
     scene.paste(product, tuple(int(c) for c in corner), product)
     return scene
 

@@ -44,6 +44,14 @@ GRAD_CLIP = 1.0
 DIGEST_FILE = "config_digest"
 
 
+def unused(config: MoonConfig) -> str | None:
+    """Why `moon demo` skips pretraining under this config: post-training will not start from it."""
+    if config.posttrain.from_pretrained:
+        return None
+    return ("pretrain: skipped, posttrain.from_pretrained is false (stage 1 starts from the untrained backbone; "
+            "`moon pretrain` still makes the model)")
+
+
 def pretrain(config: MoonConfig, run_dir: Path) -> Path:
     """Pretrains the generative model on the run's items; returns the published model directory."""
     run_dir, loop, settings = Path(run_dir), config.pretrain, config.model
