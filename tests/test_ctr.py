@@ -201,6 +201,13 @@ def test_training_reuses_runs_names_the_version_and_switching_versions_keeps_the
     assert section.metrics["ctr"]["models"].keys() == results["models"].keys()
     assert section.body.count('data-kind="plot"') == 1 and "new items" in section.body
 
+    # a store made anew names its first version v1 again: a run over the old v1 is not reused for it
+    shutil.rmtree(RunDir(run).store)
+    again = embed_catalogue(ctr_config(), run, model="random")
+    assert again.name == version
+    retrained = train(ctr_config(), run, ["cube"])[0]
+    assert retrained.parent != folders[1].parent
+
 
 def test_a_missing_version_is_a_clear_error(ctr_world):
     with pytest.raises(UserError, match="moon embed --model stage2"):

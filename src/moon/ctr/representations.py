@@ -28,6 +28,7 @@ class RepresentationTable:
     dim: int
     vectors: torch.Tensor  # float16 (rows + 1, dim); row 0 is "none"
     present: torch.Tensor  # bool (rows + 1,)
+    made_at: str = ""  # when the version was made: a store made anew reuses names (v1-stage2), not vectors
 
     @classmethod
     def load(cls, version: StoreVersion, keys: list[str], of: str, dim: int | None) -> RepresentationTable:
@@ -41,7 +42,8 @@ class RepresentationTable:
             stored = version.vectors(dim, of=kind)
             vectors[1:][rows >= 0] = stored[rows[rows >= 0]]
             present[1:] = rows >= 0
-        return cls(version.name, dim, torch.from_numpy(vectors), torch.from_numpy(present))
+        return cls(version.name, dim, torch.from_numpy(vectors), torch.from_numpy(present),
+                   version.manifest.get("created_at", ""))
 
     @property
     def coverage(self) -> float:

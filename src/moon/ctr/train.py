@@ -98,7 +98,7 @@ def run_settings(name: str, config: MoonConfig, spec: FeatureSpec, tables: dict,
         "model": name, "label": label(name, config, tables), "spec": features,
         "cube": config.ctr.cube.model_dump() if name == "cube" else None,
         "top_k": config.ctr.top_k if name == "cube" else None,
-        "representations": {of: {"version": t.version, "dim": t.dim} for of, t in tables.items()},
+        "representations": {of: {"version": t.version, "made_at": t.made_at, "dim": t.dim} for of, t in tables.items()},
         "samples": samples["created_at"], **settings,
     }
 
