@@ -96,7 +96,7 @@ def ingest(config: MoonConfig, run_dir: Path, source: str, fmt: str | None):
 @stage_command
 def ingest_queries(config: MoonConfig, run_dir: Path, source: str):
     """Ingest a labelled query set (CSV or JSONL: query_text and/or query_image, item_ids, split); it replaces
-    the run's labelled set. Its train split joins post-training stage 1, its test split `moon eval retrieval`."""
+    the run's labelled set. Its train split joins both post-training stages, its test split `moon eval retrieval`."""
     from moon.sources.labelled import ingest_queries as run_ingest
 
     summary = run_ingest(Path(source), config, run_dir)

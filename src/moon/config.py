@@ -188,11 +188,11 @@ class PairsConfig(Section):
     )
     batch_rows: int = Field(200_000, gt=0, description="event rows read per streamed batch")
     labelled_weight: float = Field(
-        3.0, ge=0.0, description="stage 1: weight of a pair from a labelled query set's train split (a judged "
+        3.0, ge=0.0, description="weight of a pair from a labelled query set's train split (a judged "
         "match counts as a purchase by default); 0 leaves them out",
     )
     labelled_item_view: Literal["image", "title+image", "richer-text+image"] = Field(
-        "richer-text+image", description="stage 1: the item view of labelled pairs (tasks text-><view> and "
+        "richer-text+image", description="the item view of labelled pairs (tasks text-><view> and "
         "image-><view>); the view models serve by default",
     )
 

@@ -21,7 +21,7 @@ used goes to `labelled_queries_rejects.parquet` (the REJECTS schema) with its re
 
 Ingesting again replaces the whole labelled set, and says what it replaced: the file is the
 user's own, so the latest file is the set (to add queries, add rows to the file).
-The train split joins post-training stage 1 (`moon pairs`), the test split is a query set of
+The train split joins both post-training stages (`moon pairs`), the test split is a query set of
 `moon eval retrieval`.
 """
 
