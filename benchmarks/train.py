@@ -124,6 +124,11 @@ class BareStep:
         return counter.get_total_flops()
 
 
+def windows(steps: int, repeats: int) -> list[range]:
+    """`repeats` runs of `steps` timed steps each, on fresh step numbers (a warm-up step before each)."""
+    return [range(1 + repeat * (steps + 1), (repeat + 1) * (steps + 1)) for repeat in range(repeats)]
+
+
 def stage2_extras(run_dir: Path, steps: int, repeats: int) -> None:
     peak = matmul_peak()
     print(json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1)}))
@@ -135,8 +140,7 @@ def stage2_extras(run_dir: Path, steps: int, repeats: int) -> None:
     plain = BareStep(run_dir, 2, plain_overrides)
     full = BareStep(run_dir, 2, [*behaviour, "posttrain.stage2.queue_size=256"])  # every extra, the queue too
     costs = []
-    for repeat in range(repeats):  # alternated, so that a slow spell of the machine hits both
-        window = range(1 + repeat * (steps + 1), (repeat + 1) * (steps + 1))
+    for repeat, window in enumerate(windows(steps, repeats)):  # alternated: a slow spell hits both
         plain_rate, full_rate = plain.pairs_per_second(window), full.pairs_per_second(window)
         costs.append(plain_rate / full_rate - 1)
         print(json.dumps({"run": repeat + 1, "plain_pairs_per_s": round(plain_rate, 1),
@@ -168,8 +172,7 @@ def levers(run_dir: Path, steps: int, repeats: int) -> None:
     overrides = ["posttrain.from_pretrained=false"]
     today = BareStep(run_dir, 1, overrides)
     prepare = []
-    for repeat in range(repeats):
-        window = range(1 + repeat * (steps + 1), (repeat + 1) * (steps + 1))
+    for window in windows(steps, repeats):
         start = time.perf_counter()
         today.prepare(window)
         prepare.append((time.perf_counter() - start) / len(window))
@@ -186,8 +189,7 @@ def levers(run_dir: Path, steps: int, repeats: int) -> None:
         lever.run(0, lever.prepare(range(1))[0])  # the first step pays for any compilation
         first_step = time.perf_counter() - start
         ratios = []
-        for repeat in range(repeats):  # alternated, so that a slow spell of the machine hits both
-            window = range(1 + repeat * (steps + 1), (repeat + 1) * (steps + 1))
+        for repeat, window in enumerate(windows(steps, repeats)):  # alternated: a slow spell hits both
             today_rate, lever_rate = today.pairs_per_second(window), lever.pairs_per_second(window)
             ratios.append(lever_rate / today_rate)
             print(json.dumps({"lever": name, "run": repeat + 1, "today_pairs_per_s": round(today_rate, 1),

@@ -33,10 +33,10 @@ from moon.errors import UserError
 from moon.eval.metrics import auc, bootstrap_ci
 from moon.io.atomic import atomic_json
 from moon.io.tables import has_table, read_manifest, read_table
+from moon.pairs.eval_set import eval_photos
 from moon.pairs.log import split_of_days
 from moon.run import RunDir
 from moon.sources.log import has_real_log
-from moon.pairs.eval_set import eval_photos
 
 DISTRACTORS = 80  # other items beside the target: 81 in all, as in the real reference set
 DRAWS = 200  # distractor draws per photo

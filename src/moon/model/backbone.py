@@ -101,12 +101,11 @@ class RotaryPositions:
         grids, types = batch.get("image_grid_thw"), batch.get("mm_token_type_ids")
         if grids is None or types is None or not bool((grids == grids[0]).all()):
             return None
-        kept = batch["attention_mask"].bool().cpu()
-        types = types.cpu()
+        kept, types, ids = batch["attention_mask"].bool().cpu(), types.cpu(), batch["input_ids"].cpu()
+        grid = grids[0].cpu()
         positions = torch.zeros((3, *types.shape), dtype=torch.long)
-        for row in range(len(types)):
-            positions[:, row, kept[row]] = self._layout(types[row, kept[row]], grids[0].cpu(),
-                                                        batch["input_ids"][row, kept[row]].cpu())
+        for row, mask in enumerate(kept):
+            positions[:, row, mask] = self._layout(types[row, mask], grid, ids[row, mask])
         return positions.to(batch["input_ids"].device)
 
     def _layout(self, types: torch.Tensor, grid: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

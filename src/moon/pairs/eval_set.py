@@ -77,10 +77,10 @@ def _engaged(log) -> dict[str, dict[str, str]]:
     """Per valid- or test-day photo session: the items it engaged with, in time order, and its strongest
     action on each."""
     sessions: dict[str, dict[str, str]] = {}
-    for split in EVALUATED_SPLITS:
-        for part in log.scan(["session_id", "item_id", "action"], {"split": split, "image_query": True}):
-            for session, item, action in zip(*(part[c].to_pylist() for c in ("session_id", "item_id", "action"))):
-                sessions.setdefault(session, {})[item] = action
+    evaluated = {"split": pa.array(EVALUATED_SPLITS), "image_query": True}
+    for part in log.scan(["session_id", "item_id", "action"], evaluated):
+        for session, item, action in zip(*(part[c].to_pylist() for c in ("session_id", "item_id", "action"))):
+            sessions.setdefault(session, {})[item] = action
     return sessions
 
 

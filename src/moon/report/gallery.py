@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from moon.config import MoonConfig
 from moon.io.tables import has_table, read_table
+from moon.pairs.eval_set import eval_photos
 from moon.report.html import Section, not_run, note, text, thumbnail
 from moon.run import RunDir
-from moon.pairs.eval_set import eval_photos
 
 QUERIES = 8
 RESULTS = 5

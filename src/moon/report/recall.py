@@ -29,9 +29,9 @@ GROUP_TITLES = {
     "labelled_image_search": "labelled image search: the test photos of a labelled query set -> the items judged hits",
     "labelled_text_search": "labelled text search: the test texts of a labelled query set -> the items judged hits",
 }
-SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}
-STAGE2_VS_STAGE1 = "vs_stage1"  # stage 2's paired differences from stage 1, not recall figures either
-PAIRED = "vs_baseline"  # a model's paired differences from the baseline (not recall figures themselves)  # groups measured on another group's queries
+SHARED_QUERIES = {"hard_same_leaf": DEFAULT_GROUP}  # groups measured on another group's queries
+PAIRED = "vs_baseline"  # a model's paired differences from the baseline (not recall figures themselves)
+PAIRED_KEYS = (PAIRED, "vs_stage1")  # paired differences (from the baseline; stage 2's from stage 1), not recall
 HEADLINE_K = 10
 DASH = Html.num("-")  # no figure, in a column of numbers
 
@@ -77,7 +77,7 @@ def _walk(node: object, keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...]
 
 def _place(keys: tuple[str, ...]) -> tuple[str, int | None, list[str]] | None:
     """(model, dim, the remaining keys) of a path, or None when it names no model."""
-    if "models" not in keys[:-1] or PAIRED in keys or STAGE2_VS_STAGE1 in keys:
+    if "models" not in keys[:-1] or any(key in keys for key in PAIRED_KEYS):
         return None
     at = keys.index("models")
     model, rest = keys[at + 1], [*keys[:at], *keys[at + 2 :]]
