@@ -160,11 +160,109 @@ def test_cube_branches_change_what_the_model_reads(ctr_world):
     lean = ctr_config("ctr.cube.content=false", "ctr.cube.fusion=false", "ctr.cube.query_sequence=false",
                       "ctr.cube.query_similarity=false")
     assert MODELS["cube"](spec, data, lean.ctr, tables).width() < widths["cube"]
-    top = ctr_config("ctr.top_k=2")
-    cube = MODELS["cube"](spec, data, top.ctr, tables)
-    rows, _, mask = cube.behaviour(batch)
-    assert rows.shape[1] == 2 and mask.sum(1).max() <= 2
-    assert cube(batch).shape == (32,)
+    for part in ("content", "histogram"):
+        assert MODELS["cube"](spec, data, ctr_config(f"ctr.cube.{part}=false").ctr, tables).width() < widths["cube"]
+    for part in ("fusion", "query_sequence"):
+        assert MODELS["cube"](spec, data, ctr_config(f"ctr.cube.{part}=true").ctr, tables).width() > widths["cube"]
+
+
+def test_top_k_reads_only_the_behaviours_most_similar_to_the_target(ctr_world):
+    """With ctr.top_k=K CUBE (its ID attention included) reads K behaviours: changing one outside
+    them changes nothing, changing one of them changes the prediction."""
+    from moon.ctr.train import representation_tables
+
+    config = ctr_config("ctr.top_k=2", "ctr.cube.query_sequence=false")
+    spec = load_spec(config, "random")
+    data = CtrData.load(ctr_world, spec)
+    tables = representation_tables(ctr_world, spec, data)
+    _, distinct = data.behaviour.gather_distinct(np.arange(len(data.behaviour.end)), config.ctr.max_len, "item_row",
+                                                 "action")
+    rows = np.flatnonzero(distinct.sum(1) >= 3)[:16]  # three different items or more: no ties in the top 2
+    batch = data.batch(rows, config.ctr.max_len, config.ctr.query_max_len, distinct_items=True)
+    torch.manual_seed(0)
+    cube = MODELS["cube"](spec, data, config.ctr, tables).eval()
+    target = cube.items_mm(batch["item_row"])
+    kept_rows, _, mask = cube.behaviour(batch, target)
+    assert kept_rows.shape[1] == 2 and mask.all()
+    scores = torch.einsum("bd,bld->bl", target, cube.items_mm(batch["behaviour_rows"]))
+    every = torch.arange(len(rows))
+
+    def without(position: torch.Tensor) -> dict:
+        """The batch with one behaviour per sample removed."""
+        out = {key: value.clone() for key, value in batch.items()}
+        out["behaviour_rows"][every, position], out["behaviour_mask"][every, position] = 0, False
+        return out
+
+    with torch.no_grad():
+        base = cube(batch)
+        least = scores.masked_fill(~batch["behaviour_mask"], float("inf")).argmin(1)
+        most = scores.masked_fill(~batch["behaviour_mask"], float("-inf")).argmax(1)
+        assert torch.allclose(cube(without(least)), base, atol=1e-6)
+        assert not torch.allclose(cube(without(most)), base, atol=1e-6)
+
+
+def test_distinct_items_keep_each_item_once_at_its_latest_time_with_its_strongest_action():
+    from moon.ctr.data import Sequences
+
+    # one user's events in time order: item rows and action codes (click 2 < cart 3 < purchase 4)
+    items = np.array([5, 7, 5, 9, 7, 7, 3, 8, 8, 8])
+    actions = np.array([2, 2, 3, 2, 4, 2, 2, 2, 3, 4])
+    events = Sequences({"item_row": items, "action": actions}, start=np.array([0, 0, 0, 6]), end=np.array([10, 6, 0, 10]),
+                       users=np.zeros(10, np.int64))
+    seen, mask = events.gather_distinct(np.arange(4), 3, "item_row", "action")
+    assert seen["item_row"].tolist() == [[7, 3, 8], [5, 9, 7], [0, 0, 0], [0, 3, 8]]
+    assert seen["action"].tolist() == [[4, 2, 4], [3, 2, 4], [0, 0, 0], [0, 2, 4]]
+    assert mask.tolist() == [[True] * 3, [True] * 3, [False] * 3, [False, True, True]]
+
+
+def test_distinct_sequences_match_the_history_read_by_hand(ctr_world):
+    """The latest 4 distinct items among the latest 16 events (DISTINCT_WINDOW x 4), each with the
+    strongest action of all its events before the sample; and the strongest past action on the
+    sample's own item, over the whole history."""
+    data = CtrData.load(ctr_world, load_spec(ctr_config()))
+    rows = np.flatnonzero(data.behaviour.lengths() > 0)[::5]
+    seen, mask = data.behaviour.gather_distinct(rows, 4, "item_row", "action")
+    full, full_mask = data.behaviour.gather(rows, 10_000)
+    repeated = own = 0
+    for i in range(len(rows)):
+        history = list(zip(full["item_row"][i][full_mask[i]], full["action"][i][full_mask[i]]))
+        repeated += len(history) > len({item for item, _ in history})
+        latest = {}
+        for position, (item, _) in enumerate(history[-16:]):
+            latest[item] = position
+        expected = sorted(latest, key=latest.get)[-4:]
+        assert seen["item_row"][i][mask[i]].tolist() == expected
+        strongest = [max(a for it, a in history if it == item) for item in expected]
+        assert seen["action"][i][mask[i]].tolist() == strongest
+        target = data.samples["item_row"][rows[i]]
+        assert data.samples["own_action"][rows[i]] == max([a for it, a in history if it == target], default=0)
+        own += data.samples["own_action"][rows[i]] > 0
+    assert repeated > 0 and own > 0  # the tiny world's shoppers do act on one item more than once
+
+
+def test_softmax_pooling_follows_the_target_and_the_histogram_counts_bands():
+    from moon.config import CubeBranches
+    from moon.ctr.layers import ContentInterest
+
+    torch.manual_seed(0)
+    basis = torch.eye(4)
+    target = basis[:1]  # (1, 4)
+    behaviour = torch.stack([basis[0], basis[1], basis[2], basis[3] * 0]).unsqueeze(0)  # the last is padding
+    mask = torch.tensor([[True, True, True, False]])
+    softmax = ContentInterest(4, 3, CubeBranches(pooling="softmax"), None)
+    softmax.log_temperature.data.fill_(np.log(0.01))
+    content, mean, largest, shares = softmax(target, behaviour, mask)
+    assert torch.allclose(content, softmax.project(basis[:1]), atol=1e-4)  # all weight on the matching behaviour
+    assert mean.item() == pytest.approx(1 / 3) and largest.item() == 1.0
+    assert shares.sum().item() == pytest.approx(1.0) and shares.shape == (1, 10)
+    cosine = ContentInterest(4, 3, CubeBranches(pooling="cosine"), None)
+    content = cosine(target, behaviour, mask)[0]
+    assert torch.allclose(content, cosine.project(basis[:1] / 3), atol=1e-5)  # the paper's s_b, averaged
+    empty = softmax(target, behaviour, torch.zeros(1, 4, dtype=torch.bool))
+    assert torch.allclose(empty[0], softmax.project(torch.zeros(1, 4))) and empty[-1].sum() == 0
+
+    softmax.fit_bands(torch.ones(64, 1), torch.linspace(-1, 1, 64).view(64, 1, 1), torch.ones(64, 1, dtype=torch.bool))
+    assert torch.allclose(softmax.edges, torch.quantile(torch.linspace(-1, 1, 64), torch.linspace(0, 1, 11)[1:-1]))
 
 
 def test_training_reuses_runs_names_the_version_and_switching_versions_keeps_the_samples(ctr_world, tmp_path):

@@ -140,3 +140,27 @@ def test_scaling_has_three_axes_with_fits_and_held_out_checks(studied):
         assert fit["curve"]["form"] in ("flat", "log-linear") and "held_out" in fit  # 3 x: too few for a power law
         assert fit["held_out"]["fit_without"]["form"] == "flat"  # 2 x left: only the mean can be checked
     assert "curve" in results["behaviour_length"]["fits"]["din"]["logloss"]  # 3 lengths x 2 seeds
+
+
+def test_the_ablation_pairs_each_part_of_cube_against_the_full_model_by_seed(studied):
+    from moon.study.ablation import print_ablation, results_path, study_ablation
+
+    run_dir, _, _ = studied
+    config = study_config("study.ablation_versions=[truth, stage2]",
+                          "study.ablations={history: [ctr.cube.content=false, ctr.cube.fusion=false, "
+                          "ctr.cube.query_sequence=false, ctr.cube.histogram=false], "
+                          "distinct items: [ctr.distinct_items=false]}")
+    results = study_ablation(config, run_dir)
+    assert list(results["by_version"]) == ["truth", "stage2"]
+    for rows in results["by_version"].values():
+        assert list(rows) == ["cube over din", "history", "distinct items"]
+        for row in rows.values():
+            for split in ("valid", "test"):
+                assert len(row[split]["per_seed"]) == 2 and row[split]["noise"] >= 0
+                assert row[split]["delta"] == pytest.approx(np.mean(row[split]["per_seed"]))
+        assert any(d != 0 for d in rows["history"]["valid"]["per_seed"])  # the ablated model is another model
+    assert json.loads(results_path(run_dir).read_text())["by_version"] == results["by_version"]
+    runs = sorted(RunDir(run_dir).ctr_models.glob("*/seed-*"))
+    assert study_ablation(config, run_dir)["by_version"] == results["by_version"]  # a rerun trains nothing
+    assert sorted(RunDir(run_dir).ctr_models.glob("*/seed-*")) == runs
+    print_ablation(results)

@@ -337,6 +337,16 @@ def study_exchange_rate(config: MoonConfig, run_dir: Path):
     ui.log(f"results -> {results_path(run_dir)}; report -> {build_report(config, run_dir)}")
 
 
+@study.command("ablation")
+@stage_command
+def study_ablation(config: MoonConfig, run_dir: Path):
+    """What each part of CUBE buys: CUBE with each part off, over the oracle's, stage 2's and the baseline's vectors."""
+    from moon.study.ablation import print_ablation, results_path, study_ablation
+
+    print_ablation(study_ablation(config, run_dir))
+    ui.log(f"results -> {results_path(run_dir)}")
+
+
 @study.command("scaling")
 @stage_command
 def study_scaling(config: MoonConfig, run_dir: Path):

@@ -386,12 +386,19 @@ CTR_MODELS = ("dnn", "din", "cube")
 
 
 class CubeBranches(Section):
-    """CUBE's parts beside DIN's ID attention, each switchable for ablations."""
+    """CUBE's parts beside DIN's ID attention, each switchable for ablations. The defaults are
+    what `moon study ablation` kept on the demo's valid days (README, "CUBE")."""
 
     content: bool = Field(True, description="content interest: behaviour representations pooled by their cosine to the target")
-    fusion: bool = Field(True, description="fusion interest: behaviour ID embeddings pooled by the same cosines")
+    histogram: bool = Field(True, description="SimTier: the share of the behaviours in each band of cosine to the "
+                            "target, bands at the deciles of the training samples' cosines")
+    fusion: bool = Field(False, description="fusion interest: behaviour ID embeddings pooled with the content's weights")
     query_similarity: bool = Field(True, description="the cosine between the target's and the query's representations")
-    query_sequence: bool = Field(True, description="the same pooling over the user's past queries")
+    query_sequence: bool = Field(False, description="content interest (and fusion) over the user's past queries too")
+    pooling: Literal["cosine", "softmax"] = Field(
+        "cosine", description="behaviour weights: the raw cosines s_b of the paper, averaged, or a softmax of them "
+        "with a learned temperature",
+    )
 
 
 class CtrConfig(Section):
@@ -406,16 +413,21 @@ class CtrConfig(Section):
     dim: int | None = Field(None, gt=0, description="Matryoshka dim of the representations (default: the spec's)")
     models: list[str] = Field(["dnn", "din", "cube"], description=f"models `moon ctr train` trains: {', '.join(CTR_MODELS)}")
     cube: CubeBranches = Field(default_factory=CubeBranches, description="CUBE branches (ablations)")
-    top_k: int | None = Field(None, gt=0, description="keep only the K behaviours most similar to the target (long sequences)")
+    top_k: int | None = Field(None, gt=0, description="keep only the K behaviours most similar to the target, by "
+                              "cosine, before any model reads them (SIM-style hard search: long sequences at the cost of K)")
+    distinct_items: bool = Field(True, description="each item once in the behaviour sequence: its latest time, its "
+                                 "strongest action (a click, a cart and a purchase of one item are one purchase)")
     max_len: int = Field(50, gt=0, le=10_000, description="behaviour items a sample sees (the latest before its ts)")
     query_max_len: int = Field(20, gt=0, le=10_000, description="past queries a sample sees")
     embedding_dim: int = Field(16, gt=0, description="width of every learned ID embedding")
     hidden: list[int] = Field([128, 64], description="the predictor MLP's hidden widths")
     attention_hidden: list[int] = Field([32], description="DIN's attention MLP hidden widths")
     batch_size: int = Field(512, gt=0, description="samples per training step")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (the same for every compared model)")
+    lr: float = Field(4e-3, gt=0, description="Adam's learning rate at the start, falling linearly to 0 over "
+                      "max_epochs (the same schedule for every compared model)")
     embedding_decay: float = Field(0.0, ge=0, description="decoupled weight decay of the ID embedding tables (AdamW)")
-    max_epochs: int = Field(10, gt=0, description="epochs at most; early stopping on valid AUC ends most runs sooner")
+    max_epochs: int = Field(3, gt=0, description="epochs: the learning rate's schedule ends with the last; early "
+                            "stopping on valid AUC ends a run sooner")
     patience: int = Field(2, ge=0, description="epochs without a better valid AUC before stopping")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds: their spread is the noise floor")
     long_tail_share: float = Field(
@@ -438,8 +450,21 @@ class CtrConfig(Section):
         return models
 
 
+CUBE_ABLATIONS = {  # name -> the overrides that make the variant: a part taken away (no ...) or added (+ ...)
+    "no history": ["ctr.cube.content=false", "ctr.cube.histogram=false", "ctr.cube.fusion=false",
+                   "ctr.cube.query_sequence=false"],
+    "no content": ["ctr.cube.content=false"],
+    "no histogram": ["ctr.cube.histogram=false"],
+    "no distinct items": ["ctr.distinct_items=false"],
+    "+ softmax pooling": ["ctr.cube.pooling=softmax"],
+    "+ fusion": ["ctr.cube.fusion=true"],
+    "+ query sequence": ["ctr.cube.query_sequence=true"],
+    "+ max_len 50": ["ctr.max_len=50"],
+}
+
+
 class StudyConfig(Section):
-    """The exchange-rate and scaling studies (`moon study exchange-rate|scaling`)."""
+    """The exchange-rate, scaling and ablation studies (`moon study exchange-rate|scaling|ablation`)."""
 
     versions: list[str] = Field(
         ["baseline", "untrained", "stage1", "stage2", "random", "truth"],
@@ -456,6 +481,15 @@ class StudyConfig(Section):
         "(negatives per query: the stage-2 batch - 1 + the queue)",
     )
     behaviour_lengths: list[int] = Field([2, 4, 8, 16, 32, 64], description="ctr.max_len of the sequence-length axis")
+    ablation_versions: list[str] = Field(
+        ["truth", "stage2", "baseline", "random"], description="representations `moon study ablation` trains CUBE "
+        "over: the oracle's, a learned model's, the non-learned baseline's and the placebo's (what CUBE gains without "
+        "any content)",
+    )
+    ablations: dict[str, list[str]] = Field(
+        default_factory=lambda: dict(CUBE_ABLATIONS), description="the CUBE variants `moon study ablation` compares "
+        "with the configured CUBE: a name and the config overrides that make it (each also applied to DIN beside it)",
+    )
 
     @field_validator("token_fractions")
     @classmethod

@@ -17,7 +17,7 @@ Two kinds of integer ids appear in a batch:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,8 @@ from moon.io.tables import read_table
 from moon.queries import PHOTO, TEXT, kind
 
 PAD, OOV = 0, 1
-ACTIONS = ("click", "cart", "purchase")
+ACTIONS = ("click", "cart", "purchase")  # weakest first: their codes order them by strength
+DISTINCT_WINDOW = 4  # a distinct-item sequence of length L is read from the latest 4 L events
 QUERY_KINDS = (TEXT, PHOTO)
 
 
@@ -66,25 +67,102 @@ class Sequences:
     values: dict[str, np.ndarray]  # aligned arrays over the events, e.g. item rows and action codes
     start: np.ndarray  # per sample
     end: np.ndarray  # per sample
+    users: np.ndarray  # per event: its user's number
+    _repeats: dict = field(default_factory=dict, repr=False)  # (key, strongest) -> what `_repeated` computes
 
     def gather(self, rows: np.ndarray, length: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The latest `length` events before each of the samples `rows`, newest last, left-padded
         with 0: ({name: (len(rows), length)}, valid mask)."""
-        end, start = self.end[rows], self.start[rows]
-        index = end[:, None] - length + np.arange(length)[None, :]
-        valid = index >= start[:, None]
-        index = np.where(valid, index, 0)
+        index, valid = self._window(rows, length)
         return {name: np.where(valid, values[index], 0) for name, values in self.values.items()}, valid
+
+    def gather_distinct(self, rows: np.ndarray, length: int, key: str, strongest: str) -> tuple[dict[str, np.ndarray],
+                                                                                             np.ndarray]:
+        """As `gather`, with each `key` value once: at its latest time before the sample, with the
+        largest `strongest` code among its events until then (a click, a cart and a purchase of
+        one item are one entry, a purchase). The entries come from the latest
+        `DISTINCT_WINDOW * length` events."""
+        _, _, next_same, strongest_so_far = self._repeated(key, strongest)
+        index, valid = self._window(rows, DISTINCT_WINDOW * length)
+        latest = valid & (next_same[index] >= self.end[rows][:, None])  # not repeated before the sample
+        newer = np.cumsum(latest[:, ::-1], axis=1)[:, ::-1]  # 1 for the newest kept entry
+        sample, position = np.nonzero(latest & (newer <= length))
+        slot = length - newer[sample, position]
+        chosen = index[sample, position]
+        out = {}
+        for name, values in {**self.values, strongest: strongest_so_far}.items():
+            out[name] = np.zeros((len(rows), length), values.dtype)
+            out[name][sample, slot] = values[chosen]
+        mask = np.zeros((len(rows), length), bool)
+        mask[sample, slot] = True
+        return out, mask
 
     def lengths(self) -> np.ndarray:
         return self.end - self.start
+
+    def _window(self, rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the latest `length` events before each sample (0 where there are fewer) and
+        which are valid."""
+        end, start = self.end[rows], self.start[rows]
+        index = end[:, None] - length + np.arange(length)[None, :]
+        valid = index >= start[:, None]
+        return np.where(valid, index, 0), valid
+
+    def strongest_before(self, users: np.ndarray, values: np.ndarray, key: str, strongest: str) -> np.ndarray:
+        """Per sample (its user's number in `users`): the largest `strongest` code among the
+        user's events before it whose `key` equals the sample's value in `values` (e.g. the
+        user's strongest past action on the sample's own item), 0 where there is none. Reads the
+        whole history, whatever the length."""
+        runs, events, _, strongest_so_far = self._repeated(key, strongest)
+        sample_groups = self._groups(values, key, users)
+        run = np.clip(np.searchsorted(runs["group"], sample_groups), 0, max(len(runs["group"]) - 1, 0))
+        found = (runs["group"][run] == sample_groups) if len(runs["group"]) else np.zeros(len(values), bool)
+        found &= values <= self.values[key].max(initial=0)  # a value no event has would alias another user's
+        # the run's last event before the sample: events sorted by (run, index)
+        position = np.searchsorted(events, run * len(events) + self.end, side="left") - 1
+        found &= (position >= 0) & (position >= runs["first"][run])
+        chosen = self._order(key, strongest)[np.clip(position, 0, None)]
+        return np.where(found, strongest_so_far[chosen], 0)
+
+    def _groups(self, values: np.ndarray, key: str, users: np.ndarray | None = None) -> np.ndarray:
+        """(user, value) pairs as one integer key."""
+        users = self.users if users is None else users
+        return users.astype(np.int64) * (int(self.values[key].max(initial=0)) + 1) + values
+
+    def _order(self, key: str, strongest: str) -> np.ndarray:
+        return self._repeats[(key, strongest)][4]
+
+    def _repeated(self, key: str, strongest: str) -> tuple:
+        """Per event: the index of the same user's next event with the same `key` (the number of
+        events if none), and the largest `strongest` code of that user and key so far; and the
+        runs of each (user, key) in time order, for `strongest_before`. Computed once: a sample's
+        distinct sequence is then a filter, `next_same >= end`."""
+        if (key, strongest) not in self._repeats:
+            group = self._groups(self.values[key], key)
+            order = np.argsort(group, kind="stable")  # each (user, key) together, in time order
+            same = group[order][1:] == group[order][:-1]
+            next_same = np.full(len(group), len(group), np.int64)
+            next_same[order[:-1][same]] = order[1:][same]
+            codes = self.values[strongest].astype(np.int64)
+            run_of = np.cumsum(np.r_[True, ~same]) - 1 if len(group) else np.zeros(0, np.int64)
+            scale = int(codes.max(initial=0)) + 1
+            running = np.maximum.accumulate(run_of * scale + codes[order]) - run_of * scale  # max within each run
+            strongest_so_far = np.empty_like(self.values[strongest])
+            strongest_so_far[order] = running
+            first = np.flatnonzero(np.r_[True, ~same]) if len(group) else np.zeros(0, np.int64)
+            runs = {"group": group[order][first], "first": first}
+            events = run_of * len(group) + order  # ascending: by run, then by time
+            self._repeats[(key, strongest)] = (runs, events, next_same, strongest_so_far, order)
+        runs, events, next_same, strongest_so_far, _ = self._repeats[(key, strongest)]
+        return runs, events, next_same, strongest_so_far
 
 
 @dataclass
 class CtrData:
     """Every split's samples, the behaviour they can see, and the catalogue's item features."""
 
-    samples: dict[str, np.ndarray]  # per sample: user, item_row, query_row, position, query_kind, label, ...
+    samples: dict[str, np.ndarray]  # per sample: user, item_row, query_row, position, query_kind, label,
+    # own_action (the user's strongest past action on the sample's item, over the whole history), ...
     splits: dict[str, np.ndarray]  # split -> sample indices
     items: dict[str, np.ndarray]  # per catalogue row (0 = none): item_id, shop_id, leaf codes; price
     behaviour: Sequences
@@ -153,14 +231,16 @@ class CtrData:
 
         sample_keys = keys(samples, times[0])
         sample_users = sample_keys >> 32 << 32
+        history = _sequences(keys(behaviour, times[1]), sample_keys, sample_users, {
+            "item_row": _rows(behaviour["item_id"], item_ids),
+            "action": vocabs["behaviour_actions"].encode(behaviour["action"]),
+        })
+        encoded["own_action"] = history.strongest_before(sample_keys >> 32, item_row, "item_row", "action")
         return cls(
             samples=encoded,
             splits={name: np.flatnonzero(split == name) for name in ("train", "valid", "test")},
             items=items,
-            behaviour=_sequences(keys(behaviour, times[1]), sample_keys, sample_users, {
-                "item_row": _rows(behaviour["item_id"], item_ids),
-                "action": vocabs["behaviour_actions"].encode(behaviour["action"]),
-            }),
+            behaviour=history,
             queries=_sequences(keys(searches, times[2]), sample_keys, sample_users, {
                 "query_row": _rows(searches["query_id"], query_ids),
                 "query_code": vocabs["past_queries"].encode(searches["query_id"]),
@@ -174,8 +254,8 @@ class CtrData:
             period_start=int(times[0].min()) if len(times[0]) else 0,
         )
 
-    def batches(self, split: str, batch_size: int, max_len: int, query_max_len: int,
-                seed: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, split: str, batch_size: int, max_len: int, query_max_len: int, seed: int | None = None,
+                rank: int = 0, world_size: int = 1, distinct_items: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The split's samples in batches of tensors; shuffled by `seed` (None: in order). With
         several processes each takes its slice of every global batch."""
         order = self.splits[split]
@@ -184,11 +264,17 @@ class CtrData:
         for first in range(0, len(order), batch_size * world_size):
             rows = order[first:first + batch_size * world_size][rank::world_size]
             if len(rows):
-                yield self.batch(rows, max_len, query_max_len)
+                yield self.batch(rows, max_len, query_max_len, distinct_items)
 
-    def batch(self, rows: np.ndarray, max_len: int, query_max_len: int) -> dict[str, torch.Tensor]:
+    def batch(self, rows: np.ndarray, max_len: int, query_max_len: int,
+              distinct_items: bool = False) -> dict[str, torch.Tensor]:
+        """The samples `rows` with their behaviour (each item once when `distinct_items`) and
+        past queries, as tensors."""
         batch = {name: values[rows] for name, values in self.samples.items()}
-        history, batch["behaviour_mask"] = self.behaviour.gather(rows, max_len)
+        if distinct_items:
+            history, batch["behaviour_mask"] = self.behaviour.gather_distinct(rows, max_len, "item_row", "action")
+        else:
+            history, batch["behaviour_mask"] = self.behaviour.gather(rows, max_len)
         batch["behaviour_rows"], batch["behaviour_actions"] = history["item_row"], history["action"]
         past, batch["past_query_mask"] = self.queries.gather(rows, query_max_len)
         batch["past_query_rows"], batch["past_query_codes"] = past["query_row"], past["query_code"]
@@ -212,4 +298,5 @@ def _sequences(event_keys: np.ndarray, sample_keys: np.ndarray, sample_users: np
         values={name: array[order] for name, array in values.items()},
         start=np.searchsorted(event_keys, sample_users, side="left"),
         end=np.searchsorted(event_keys, sample_keys, side="left"),  # strictly before the sample's time
+        users=event_keys >> 32,
     )

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moon import ui
-from moon.config import MoonConfig
+from moon.config import CubeBranches, MoonConfig
 from moon.ctr.data import CtrData
 from moon.ctr.features import FeatureSpec, load_spec
 from moon.ctr.models import MODELS
@@ -38,8 +38,9 @@ from moon.run import RunDir
 from moon.train.loop import Processes
 
 RESULT, WEIGHTS, PREDICTIONS = "result.json", "model.pt", "test_predictions.npy"
+SCHEDULE = "linear decay to 0 over max_epochs"  # in every run's settings: runs under another schedule are not reused
 SETTINGS = ("embedding_dim", "hidden", "attention_hidden", "batch_size", "lr", "embedding_decay", "max_epochs", "patience",
-            "max_len", "query_max_len")
+            "max_len", "query_max_len", "distinct_items")
 
 
 def train(config: MoonConfig, run_dir: Path, models: list[str] | None = None) -> list[Path]:
@@ -78,8 +79,10 @@ def label(name: str, config: MoonConfig, tables: dict[str, RepresentationTable])
     representations it read (`cube@v1-stage2/64`)."""
     text = name
     if name == "cube":
-        off = [branch for branch, on in config.ctr.cube.model_dump().items() if not on]
-        text += "".join(f"-no_{branch}" for branch in off) + (f"-top{config.ctr.top_k}" if config.ctr.top_k else "")
+        cube, default = config.ctr.cube.model_dump(), CubeBranches().model_dump()
+        text += "".join(f"-no_{part}" if value is False else f"-{part}" if value is True else f"-{part}_{value}"
+                        for part, value in cube.items() if value != default[part])
+        text += f"-top{config.ctr.top_k}" if config.ctr.top_k else ""
     if tables:
         item = tables["item_id"]
         text += f"@{item.version}/{item.dim}"
@@ -95,11 +98,11 @@ def run_settings(name: str, config: MoonConfig, spec: FeatureSpec, tables: dict,
         if feature["type"] == "representation" and feature["of"] in tables:
             feature |= {"version": tables[feature["of"]].version, "dim": tables[feature["of"]].dim}
     return {
-        "model": name, "label": label(name, config, tables), "spec": features,
+        "model": name, "revision": MODELS[name].revision, "label": label(name, config, tables), "spec": features,
         "cube": config.ctr.cube.model_dump() if name == "cube" else None,
         "top_k": config.ctr.top_k if name == "cube" else None,
         "representations": {of: {"version": t.version, "made_at": t.made_at, "dim": t.dim} for of, t in tables.items()},
-        "samples": samples["created_at"], **settings,
+        "samples": samples["created_at"], "schedule": SCHEDULE, **settings,
     }
 
 
@@ -125,10 +128,11 @@ def train_one(config: MoonConfig, run_dir: Path, name: str, seed: int, spec: Fea
     started = time.perf_counter()
     ctr = config.ctr
     steps = -(-len(data.splits["train"]) // (ctr.batch_size * processes.world_size))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, linear_decay(steps * ctr.max_epochs))
     for epoch in range(ctr.max_epochs):
         model.train()
-        batches = data.batches("train", ctr.batch_size, ctr.max_len, ctr.query_max_len,
-                               seed=seed * 1000 + epoch, rank=processes.rank, world_size=processes.world_size)
+        batches = data.batches("train", ctr.batch_size, ctr.max_len, ctr.query_max_len, seed=seed * 1000 + epoch,
+                               rank=processes.rank, world_size=processes.world_size, distinct_items=ctr.distinct_items)
         with processes.progress(f"{settings['label']} seed {seed} epoch {epoch + 1}", steps, unit="steps") as advance:
             for batch in batches:
                 batch = {key: value.to(processes.device) for key, value in batch.items()}
@@ -136,6 +140,7 @@ def train_one(config: MoonConfig, run_dir: Path, name: str, seed: int, spec: Fea
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+                schedule.step()
                 advance(1)
         valid = processes.from_rank_zero(auc(*_labels_and_scores(model, data, "valid", config)) if processes.is_main else None)
         history.append({"epoch": epoch + 1, "valid_auc": valid, "seconds": round(time.perf_counter() - started, 1)})
@@ -171,13 +176,21 @@ def make_optimiser(model: nn.Module, config: MoonConfig) -> torch.optim.Optimize
                               {"params": rest, "weight_decay": 0.0}], lr=config.ctr.lr)
 
 
+def linear_decay(total_steps: int):
+    """The learning rate's factor at each step: from 1 down to 0 at the last step of `max_epochs`.
+    The end of training moves in small steps, so the last epochs' valid AUC is steady and the
+    best one is rarely a lucky jump."""
+    return lambda step: max(0.0, 1.0 - step / total_steps)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: CtrData, split: str, config: MoonConfig) -> np.ndarray:
     """Click probabilities of a split's samples, in the split's order."""
     model.eval()
     device = next(model.parameters()).device
     out = [torch.sigmoid(model({k: v.to(device) for k, v in batch.items()})).cpu()
-           for batch in data.batches(split, 4096, config.ctr.max_len, config.ctr.query_max_len)]
+           for batch in data.batches(split, 4096, config.ctr.max_len, config.ctr.query_max_len,
+                                     distinct_items=config.ctr.distinct_items)]
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 

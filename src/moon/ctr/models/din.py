@@ -15,33 +15,41 @@ from moon.ctr.models.dnn import DNN
 
 class DIN(DNN):
     sources = (*DNN.sources, "behaviour")
+    revision = 2  # 2: reads the user's own past actions on the target
 
-    def build(self, tables: dict) -> None:
-        super().build(tables)
+    def build(self, data, tables: dict) -> None:
+        super().build(data, tables)
         self.uses_behaviour = self.spec.get("behaviour_items") is not None
-        self.uses_actions = self.spec.get("behaviour_actions") is not None
+        self.uses_actions = self.uses_behaviour and self.spec.get("behaviour_actions") is not None
         if self.uses_behaviour:
             dim = self.embeddings.item_width
             extra = self.config.embedding_dim if self.uses_actions else 0
             self.attention = TargetAttention(dim, self.config.attention_hidden, extra)
 
     def width(self) -> int:
-        return super().width() + (self.embeddings.item_width if self.uses_behaviour else 0)
-
-    def behaviour(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(item rows, action codes, mask) of the behaviour the attention reads."""
-        return batch["behaviour_rows"], batch["behaviour_actions"], batch["behaviour_mask"]
+        return super().width() + (self.embeddings.item_width if self.uses_behaviour else 0) \
+            + (self.config.embedding_dim if self.uses_actions else 0)
 
     def blocks(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         parts = super().blocks(batch)
         if self.uses_behaviour:
-            rows, actions, mask = self.behaviour(batch)
-            parts += self.behaviour_blocks(batch, rows, self.embeddings.items(rows), actions, mask)
+            keys = self.embeddings.items(batch["behaviour_rows"])
+            parts.append(self.id_interest(batch, keys, batch["behaviour_actions"], batch["behaviour_mask"]))
+        if self.uses_actions:
+            parts.append(self.own_actions(batch))
         return parts
 
-    def behaviour_blocks(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, keys: torch.Tensor,
-                         actions: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """What the model reads from the behaviour: here the ID interest (target attention)."""
+    def own_actions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The user's strongest past action on the target item itself (none, click, cart,
+        purchase; `CtrData`'s `own_action`, read from the whole history), embedded. Attention over
+        small ID embeddings hardly tells an exact repeat from a similar item, and a repeat is the
+        strongest sign of fit there is: without this, CUBE over random vectors (whose only match
+        is the item itself) beat DIN by as much as CUBE over learned ones."""
+        return self.embeddings("behaviour_actions", batch["own_action"])
+
+    def id_interest(self, batch: dict[str, torch.Tensor], keys: torch.Tensor, actions: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """The ID interest: target attention over the behaviours' embedded item fields `keys`."""
         extra = self.embeddings("behaviour_actions", actions) if self.uses_actions else None
         target = self.embeddings.items(batch["item_row"])
-        return [self.attention(target, keys, mask.float(), extra)]
+        return self.attention(target, keys, mask.float(), extra)

@@ -17,15 +17,16 @@ from moon.ctr.layers import FeatureEmbeddings, mlp
 class DNN(nn.Module):
     representations: tuple[str, ...] = ()  # representation features the model reads
     sources: tuple[str, ...] = ("sample", "item")  # feature sources whose IDs it embeds
+    revision = 1  # raised whenever what the model computes changes: runs trained before are then not reused
 
     def __init__(self, spec: FeatureSpec, data: CtrData, config: CtrConfig, tables: dict | None = None):
         super().__init__()
         self.spec, self.config = spec, config
         self.embeddings = FeatureEmbeddings(spec, data, config.embedding_dim, self.sources)
-        self.build(tables or {})
+        self.build(data, tables or {})
         self.predictor = mlp([self.width(), *config.hidden], out=1)
 
-    def build(self, tables: dict) -> None:
+    def build(self, data: CtrData, tables: dict) -> None:
         """Sub-modules of the blocks a model adds (DIN, CUBE)."""
 
     def width(self) -> int:
