@@ -164,3 +164,12 @@ def test_the_ablation_pairs_each_part_of_cube_against_the_full_model_by_seed(stu
     assert study_ablation(config, run_dir)["by_version"] == results["by_version"]  # a rerun trains nothing
     assert sorted(RunDir(run_dir).ctr_models.glob("*/seed-*")) == runs
     print_ablation(results)
+
+
+def test_a_first_study_result_makes_its_folder(tmp_path):
+    """A demo run has no study folder until a study writes one (atomic writes make their folder)."""
+    from moon.io.atomic import atomic_json
+    from moon.study.ablation import results_path
+
+    path = atomic_json(results_path(tmp_path), {"by_version": {}})
+    assert json.loads(path.read_text()) == {"by_version": {}} and [p.name for p in path.parent.iterdir()] == [path.name]

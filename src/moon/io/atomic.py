@@ -90,7 +90,9 @@ def _replacing(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_file(path: str | Path, data: str | bytes) -> Path:
-    """Writes one file (text as UTF-8) under a temporary name, then renames it to `path`."""
+    """Writes one file (text as UTF-8) under a temporary name, then renames it to `path`; its
+    folder is made if missing (a run's first study result, say)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with _replacing(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return Path(path)
