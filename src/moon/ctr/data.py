@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -82,15 +83,15 @@ class Sequences:
         largest `strongest` code among its events until then (a click, a cart and a purchase of
         one item are one entry, a purchase). The entries come from the latest
         `DISTINCT_WINDOW * length` events."""
-        _, _, next_same, strongest_so_far = self._repeated(key, strongest)
+        repeats = self._repeated(key, strongest)
         index, valid = self._window(rows, DISTINCT_WINDOW * length)
-        latest = valid & (next_same[index] >= self.end[rows][:, None])  # not repeated before the sample
+        latest = valid & (repeats.next_same[index] >= self.end[rows][:, None])  # not repeated before the sample
         newer = np.cumsum(latest[:, ::-1], axis=1)[:, ::-1]  # 1 for the newest kept entry
         sample, position = np.nonzero(latest & (newer <= length))
         slot = length - newer[sample, position]
         chosen = index[sample, position]
         out = {}
-        for name, values in {**self.values, strongest: strongest_so_far}.items():
+        for name, values in {**self.values, strongest: repeats.strongest_so_far}.items():
             out[name] = np.zeros((len(rows), length), values.dtype)
             out[name][sample, slot] = values[chosen]
         mask = np.zeros((len(rows), length), bool)
@@ -113,48 +114,51 @@ class Sequences:
         user's events before it whose `key` equals the sample's value in `values` (e.g. the
         user's strongest past action on the sample's own item), 0 where there is none. Reads the
         whole history, whatever the length."""
-        runs, events, _, strongest_so_far = self._repeated(key, strongest)
-        sample_groups = self._groups(values, key, users)
-        run = np.clip(np.searchsorted(runs["group"], sample_groups), 0, max(len(runs["group"]) - 1, 0))
-        found = (runs["group"][run] == sample_groups) if len(runs["group"]) else np.zeros(len(values), bool)
-        found &= values <= self.values[key].max(initial=0)  # a value no event has would alias another user's
-        # the run's last event before the sample: events sorted by (run, index)
-        position = np.searchsorted(events, run * len(events) + self.end, side="left") - 1
-        found &= (position >= 0) & (position >= runs["first"][run])
-        chosen = self._order(key, strongest)[np.clip(position, 0, None)]
-        return np.where(found, strongest_so_far[chosen], 0)
+        repeats = self._repeated(key, strongest)
+        if not len(repeats.order):
+            return np.zeros(len(values), self.values[strongest].dtype)
+        groups = self._groups(values, key, users)
+        run = np.minimum(np.searchsorted(repeats.run_groups, groups), len(repeats.run_groups) - 1)
+        found = (repeats.run_groups[run] == groups) & (values <= self.values[key].max())  # else it aliases another user
+        # the run's last event before the sample, in the events ordered by (run, time)
+        position = np.searchsorted(repeats.by_run, run * len(repeats.order) + self.end, side="left") - 1
+        found &= position >= repeats.run_starts[run]
+        return np.where(found, repeats.strongest_so_far[repeats.order[np.maximum(position, 0)]], 0)
 
-    def _groups(self, values: np.ndarray, key: str, users: np.ndarray | None = None) -> np.ndarray:
+    def _groups(self, values: np.ndarray, key: str, users: np.ndarray) -> np.ndarray:
         """(user, value) pairs as one integer key."""
-        users = self.users if users is None else users
         return users.astype(np.int64) * (int(self.values[key].max(initial=0)) + 1) + values
 
-    def _order(self, key: str, strongest: str) -> np.ndarray:
-        return self._repeats[(key, strongest)][4]
-
-    def _repeated(self, key: str, strongest: str) -> tuple:
-        """Per event: the index of the same user's next event with the same `key` (the number of
-        events if none), and the largest `strongest` code of that user and key so far; and the
-        runs of each (user, key) in time order, for `strongest_before`. Computed once: a sample's
-        distinct sequence is then a filter, `next_same >= end`."""
+    def _repeated(self, key: str, strongest: str) -> _Repeats:
+        """The events' repeats of one `key` per user, computed once (see `_Repeats`): a sample's
+        distinct sequence is then a filter, `next_same >= end`, and its own past action one
+        binary search."""
         if (key, strongest) not in self._repeats:
-            group = self._groups(self.values[key], key)
+            group = self._groups(self.values[key], key, self.users)
             order = np.argsort(group, kind="stable")  # each (user, key) together, in time order
-            same = group[order][1:] == group[order][:-1]
+            starts = np.r_[True, group[order][1:] != group[order][:-1]] if len(group) else np.zeros(0, bool)
             next_same = np.full(len(group), len(group), np.int64)
-            next_same[order[:-1][same]] = order[1:][same]
+            next_same[order[:-1][~starts[1:]]] = order[1:][~starts[1:]]
+            run_of = np.cumsum(starts) - 1
             codes = self.values[strongest].astype(np.int64)
-            run_of = np.cumsum(np.r_[True, ~same]) - 1 if len(group) else np.zeros(0, np.int64)
             scale = int(codes.max(initial=0)) + 1
-            running = np.maximum.accumulate(run_of * scale + codes[order]) - run_of * scale  # max within each run
             strongest_so_far = np.empty_like(self.values[strongest])
-            strongest_so_far[order] = running
-            first = np.flatnonzero(np.r_[True, ~same]) if len(group) else np.zeros(0, np.int64)
-            runs = {"group": group[order][first], "first": first}
-            events = run_of * len(group) + order  # ascending: by run, then by time
-            self._repeats[(key, strongest)] = (runs, events, next_same, strongest_so_far, order)
-        runs, events, next_same, strongest_so_far, _ = self._repeats[(key, strongest)]
-        return runs, events, next_same, strongest_so_far
+            strongest_so_far[order] = np.maximum.accumulate(run_of * scale + codes[order]) - run_of * scale
+            self._repeats[(key, strongest)] = _Repeats(
+                next_same, strongest_so_far, order, run_starts=np.flatnonzero(starts),
+                run_groups=group[order][starts], by_run=run_of * len(group) + order)
+        return self._repeats[(key, strongest)]
+
+
+class _Repeats(NamedTuple):
+    """Per (user, key value) run of a side table's events, in time order."""
+
+    next_same: np.ndarray  # per event: the index of the user's next event with the same value (n if none)
+    strongest_so_far: np.ndarray  # per event: the largest `strongest` code of the user and value until then
+    order: np.ndarray  # the events grouped by run, each run in time order
+    run_starts: np.ndarray  # per run: its first position in `order`
+    run_groups: np.ndarray  # per run: its (user, value) key, ascending
+    by_run: np.ndarray  # per position in `order`: run * n + event index, ascending
 
 
 @dataclass

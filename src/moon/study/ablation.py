@@ -17,14 +17,13 @@ over the variant; and CUBE's lift over DIN. Results go to `study/ablation.json`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from moon import ui
 from moon.config import MoonConfig
-from moon.ctr.train import RESULT, train
+from moon.ctr.train import train
 from moon.eval.metrics import seed_noise
 from moon.io.atomic import atomic_json
 from moon.study.downstream import seed_scores, test_labels
@@ -56,11 +55,8 @@ def study_ablation(config: MoonConfig, run_dir: Path) -> dict:
 
 def _scores(folders: list[Path], labels: np.ndarray) -> dict[str, list[float]]:
     """{"valid": [per seed], "test": [per seed]} AUCs of one model's runs, in seed order."""
-    test = seed_scores(folders, labels)
-    (seeds,) = test.values()
-    valid = {json.loads((f / RESULT).read_text())["seed"]: json.loads((f / RESULT).read_text())["valid_auc"]
-             for f in folders}
-    return {"valid": [valid[s] for s in sorted(seeds)], "test": [seeds[s]["auc"] for s in sorted(seeds)]}
+    (seeds,) = seed_scores(folders, labels).values()
+    return {"valid": [seeds[s]["valid_auc"] for s in sorted(seeds)], "test": [seeds[s]["auc"] for s in sorted(seeds)]}
 
 
 def compare(scores: dict[str, dict]) -> dict:

@@ -28,7 +28,7 @@ def test_labels(run_dir: Path) -> np.ndarray:
 
 
 def seed_scores(folders: list[Path], labels: np.ndarray) -> dict[str, dict[int, dict]]:
-    """{model: {seed: {"auc", "logloss", "version"}}} of trained runs' folders (model: `din`, or the
+    """{model: {seed: {"auc", "logloss", "label", "valid_auc"}}} of trained runs' folders (model: `din`, or the
     CUBE run's representation version)."""
     out: dict[str, dict[int, dict]] = {}
     for folder in folders:
@@ -37,7 +37,7 @@ def seed_scores(folders: list[Path], labels: np.ndarray) -> dict[str, dict[int, 
         item = result.get("representations", {}).get("item_id")
         key = result["model"] if item is None else item["version"]
         out.setdefault(key, {})[result["seed"]] = {"auc": auc(labels, probs), "logloss": logloss(labels, probs),
-                                                   "label": result["label"]}
+                                                   "label": result["label"], "valid_auc": result["valid_auc"]}
     return out
 
 

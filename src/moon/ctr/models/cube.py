@@ -70,10 +70,9 @@ class CUBE(DIN):
             self.query_interest.fit_bands(target, self.queries_mm(batch["past_query_rows"]), batch["past_query_mask"])
 
     def width(self) -> int:
-        width = DNN.width(self) + self.config.embedding_dim + 1  # the target's representation and its "present" flag
-        width += self.config.embedding_dim if self.uses_actions else 0  # DIN's own actions on the target
+        width = super().width() + self.config.embedding_dim + 1  # the target's representation and its "present" flag
         if self.uses_behaviour:
-            width += self.embeddings.item_width + self.item_interest.width  # DIN's ID interest, then the content's
+            width += self.item_interest.width
         if self.queries_mm is not None:
             width += self.config.embedding_dim + (1 if self.config.cube.query_similarity else 0)
         if self.query_sequence:
@@ -92,7 +91,7 @@ class CUBE(DIN):
         return rows, actions, mask
 
     def blocks(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        parts = DNN.blocks(self, batch)  # DIN's ID interest comes below, over the same chosen behaviours
+        parts = DNN.blocks(self, batch)  # DIN's parts come below, its ID interest over the chosen behaviours
         branches = self.config.cube
         target = self.items_mm(batch["item_row"])
         parts += [self.target_projection(target), self.items_mm.present[batch["item_row"]].float().unsqueeze(-1)]
@@ -101,7 +100,7 @@ class CUBE(DIN):
         if self.uses_behaviour:
             rows, actions, mask = self.behaviour(batch, target)
             keys = self.embeddings.items(rows)
-            parts.append(self.id_interest(batch, keys, actions, mask))
+            parts.append(self.id_interest(parts[0], keys, actions, mask))  # parts[0]: the target's item fields
             parts += self.item_interest(target, self.items_mm(rows), mask, keys if branches.fusion else None)
         if self.queries_mm is not None:
             query = self.queries_mm(batch["query_row"])

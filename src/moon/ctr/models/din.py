@@ -34,7 +34,8 @@ class DIN(DNN):
         parts = super().blocks(batch)
         if self.uses_behaviour:
             keys = self.embeddings.items(batch["behaviour_rows"])
-            parts.append(self.id_interest(batch, keys, batch["behaviour_actions"], batch["behaviour_mask"]))
+            target = parts[0]  # DNN's first block: the target's item fields
+            parts.append(self.id_interest(target, keys, batch["behaviour_actions"], batch["behaviour_mask"]))
         if self.uses_actions:
             parts.append(self.own_actions(batch))
         return parts
@@ -47,9 +48,9 @@ class DIN(DNN):
         is the item itself) beat DIN by as much as CUBE over learned ones."""
         return self.embeddings("behaviour_actions", batch["own_action"])
 
-    def id_interest(self, batch: dict[str, torch.Tensor], keys: torch.Tensor, actions: torch.Tensor,
+    def id_interest(self, target: torch.Tensor, keys: torch.Tensor, actions: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
-        """The ID interest: target attention over the behaviours' embedded item fields `keys`."""
+        """The ID interest: target attention of the target's embedded item fields over the
+        behaviours' (`keys`)."""
         extra = self.embeddings("behaviour_actions", actions) if self.uses_actions else None
-        target = self.embeddings.items(batch["item_row"])
         return self.attention(target, keys, mask.float(), extra)
